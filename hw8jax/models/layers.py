@@ -1,0 +1,135 @@
+"""Layers that initialise and compute like their PyTorch counterparts.
+
+The originals were trained from PyTorch's default initialisation, and BatchNorm in PyTorch keeps
+an unbiased running variance; Flax's defaults differ in both. Every model in hw8jax is built from
+these, so it trains like its original and accepts its weights (`hw8jax.torch_import`).
+
+Models mirror the originals' module trees: an `nn.Sequential` becomes an `nnx.Sequential` with the
+same entries in the same order (activations included, as plain functions), so a PyTorch key such as
+`encoder.3.weight` names the layer at `model.encoder.layers[3]`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# PyTorch's kaiming_uniform_(a=sqrt(5)) is U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+torch_kernel_init = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+# torchvision's ResNet convs: kaiming_normal_(mode="fan_out", nonlinearity="relu").
+resnet_kernel_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+relu = jax.nn.relu
+tanh = jnp.tanh
+leaky_relu = functools.partial(jax.nn.leaky_relu, negative_slope=0.2)
+
+
+def torch_bias_init(fan_in: int):
+  """U(-1/sqrt(fan_in), 1/sqrt(fan_in)), PyTorch's bias rule; the bound needs the layer's fan-in."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+class Linear(nnx.Linear):
+  """`nn.Linear` with PyTorch's default initialisation.
+
+  `in_chw` / `out_chw` record the (C, H, W) feature map the original flattens into this layer's
+  input or unflattens from its output. hw8jax flattens NHWC arrays in (H, W, C) order, so the weight
+  import permutes rows or columns of such layers; the computation is unchanged.
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs,
+               in_chw: tuple[int, int, int] | None = None,
+               out_chw: tuple[int, int, int] | None = None):
+    super().__init__(in_features, out_features, kernel_init=torch_kernel_init,
+                     bias_init=torch_bias_init(in_features), rngs=rngs)
+    self.in_chw = in_chw
+    self.out_chw = out_chw
+
+
+def conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1, padding: int = 0, *,
+         rngs: nnx.Rngs, bias: bool = True, kernel_init=torch_kernel_init) -> nnx.Conv:
+  """`nn.Conv2d(in_ch, out_ch, kernel, stride, padding)` on NHWC arrays."""
+  return nnx.Conv(in_ch, out_ch, (kernel, kernel), strides=stride,
+                  padding=((padding, padding), (padding, padding)), use_bias=bias,
+                  kernel_init=kernel_init, bias_init=torch_bias_init(in_ch * kernel * kernel),
+                  rngs=rngs)
+
+
+def conv_transpose(in_ch: int, out_ch: int, kernel: int = 4, stride: int = 2, padding: int = 1,
+                   *, rngs: nnx.Rngs) -> nnx.ConvTranspose:
+  """`nn.ConvTranspose2d(in_ch, out_ch, kernel, stride, padding)` on NHWC arrays.
+
+  PyTorch's transposed conv is the gradient of a conv: a flipped kernel (`transpose_kernel`) and
+  `kernel - 1 - padding` of padding on each side. The kernel is (k, k, out_ch, in_ch), so the
+  default fan-in axis gives PyTorch's fan-in of out_ch * k * k.
+  """
+  pad = kernel - 1 - padding
+  return nnx.ConvTranspose(in_ch, out_ch, (kernel, kernel), strides=stride,
+                           padding=((pad, pad), (pad, pad)), transpose_kernel=True,
+                           kernel_init=torch_kernel_init,
+                           bias_init=torch_bias_init(out_ch * kernel * kernel), rngs=rngs)
+
+
+class BatchNorm(nnx.Module):
+  """`nn.BatchNorm1d/2d` over the last axis, with PyTorch's statistics.
+
+  Training normalises with the biased batch variance and updates the running variance with the
+  unbiased one; `momentum` is PyTorch's (weight of the new batch). `model.train()` and
+  `model.eval()` switch `use_running_average`.
+  """
+
+  def __init__(self, num_features: int, *, momentum: float = 0.1, epsilon: float = 1e-5,
+               use_running_average: bool = False):
+    self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+    self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+    self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+    self.momentum = momentum
+    self.epsilon = epsilon
+    self.use_running_average = use_running_average
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    axes = tuple(range(x.ndim - 1))
+    if self.use_running_average:
+      mean, var = self.mean[...], self.var[...]
+    else:
+      # Statistics in float32 whatever the compute dtype; they are tiny vectors.
+      x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+      mean = x32.mean(axes)
+      var = jnp.square(x32 - mean).mean(axes)
+      n = x.size // x.shape[-1]
+      m = self.momentum
+      self.mean[...] = (1 - m) * self.mean[...] + m * mean
+      self.var[...] = (1 - m) * self.var[...] + m * var * (n / max(n - 1, 1))
+    inv = jax.lax.rsqrt(var + self.epsilon) * self.scale[...]
+    return ((x - mean.astype(x.dtype)) * inv.astype(x.dtype)
+            + self.bias[...].astype(x.dtype))
+
+
+def prelu() -> nnx.PReLU:
+  """`nn.PReLU()`: one learned slope, initially 0.25."""
+  return nnx.PReLU(negative_slope_init=0.25)
+
+
+def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+  """`nn.MaxPool2d(3, 2, 1)`; padding counts as -inf, as in PyTorch."""
+  return nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+def global_avg_pool(x: jax.Array) -> jax.Array:
+  """`nn.AdaptiveAvgPool2d(1)`."""
+  return x.mean(axis=(1, 2), keepdims=True)
+
+
+def flatten(x: jax.Array) -> jax.Array:
+  """`nn.Flatten()`; only used on (B, 1, 1, C), where NHWC and NCHW orders agree."""
+  return x.reshape(x.shape[0], -1)

@@ -1,0 +1,172 @@
+"""Load the weights of a PyTorch original into the matching hw8jax model.
+
+hw8jax models mirror their originals' module trees (see `hw8jax.models.layers`), so a PyTorch key
+maps to a layer by its path with nnx.Sequential's `layers` level left out. What differs is layout:
+
+- Linear (out, in) -> kernel (in, out); layers that take or give a flattened feature map also have
+  their rows or columns permuted from PyTorch's (C, H, W) order to NHWC's (H, W, C) order.
+- Conv2d (out, in, kh, kw) -> (kh, kw, in, out); ConvTranspose2d (in, out, kh, kw) ->
+  (kh, kw, out, in), the layout of a `transpose_kernel=True` kernel: the same axis permutation.
+- BatchNorm weight/bias/running_mean/running_var -> scale/bias/mean/var; `num_batches_tracked` is
+  not needed (momentum is fixed) and is accepted and ignored.
+- PReLU weight (1,) -> the scalar slope.
+
+torch is imported only to read a file; a dict of numpy arrays needs no torch at all.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Mapping
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from hw8jax.models import layers
+
+# Per layer type: (PyTorch name, nnx attribute, converter(array, layer) -> array).
+Converter = Callable[[np.ndarray, nnx.Module], np.ndarray]
+
+
+def _chw_rows_to_hwc(w: np.ndarray, chw) -> np.ndarray:
+  c, h, wd = chw
+  return w.reshape(c, h, wd, -1).transpose(1, 2, 0, 3).reshape(w.shape)
+
+
+def _linear_kernel(w: np.ndarray, layer: layers.Linear) -> np.ndarray:
+  k = w.T
+  if layer.in_chw is not None:
+    k = _chw_rows_to_hwc(k, layer.in_chw)
+  if layer.out_chw is not None:
+    k = _chw_rows_to_hwc(k.T, layer.out_chw).T
+  return k
+
+
+def _linear_bias(b: np.ndarray, layer: layers.Linear) -> np.ndarray:
+  if layer.out_chw is not None:
+    b = _chw_rows_to_hwc(b[:, None], layer.out_chw)[:, 0]
+  return b
+
+
+def _conv_kernel(w: np.ndarray, layer) -> np.ndarray:
+  del layer
+  return w.transpose(2, 3, 1, 0)
+
+
+def _same(a: np.ndarray, layer) -> np.ndarray:
+  del layer
+  return a
+
+
+def _scalar(a: np.ndarray, layer) -> np.ndarray:
+  del layer
+  return a.reshape(())
+
+
+_CONV = [("weight", "kernel", _conv_kernel), ("bias", "bias", _same)]
+_RULES: list[tuple[type, list[tuple[str, str, Converter]]]] = [
+    (layers.Linear, [("weight", "kernel", _linear_kernel), ("bias", "bias", _linear_bias)]),
+    (nnx.Conv, _CONV),
+    (nnx.ConvTranspose, _CONV),
+    (layers.BatchNorm, [("weight", "scale", _same), ("bias", "bias", _same),
+                        ("running_mean", "mean", _same), ("running_var", "var", _same)]),
+    (nnx.PReLU, [("weight", "negative_slope", _scalar)]),
+]
+_IGNORED_SUFFIXES = (".num_batches_tracked",)
+
+
+def _rules_for(module: nnx.Module):
+  for cls, rules in _RULES:
+    if isinstance(module, cls):
+      return rules
+  return None
+
+
+def torch_prefix(path) -> str:
+  """'encoder.3' for the nnx path ('encoder', 'layers', 3)."""
+  return ".".join(str(p) for p in path if p != "layers")
+
+
+def read_state_dict(source) -> dict[str, np.ndarray]:
+  """A state_dict as numpy arrays, from a mapping or a file written by `torch.save` (a state_dict,
+  or a whole pickled model whose class is importable)."""
+  if isinstance(source, (str, os.PathLike)):
+    import pickle
+
+    import torch
+
+    path = os.fspath(source)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"{path}: no such file")
+    try:
+      source = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+      # A whole model: unpickling runs code from the file, as torch.load always did before 2.6.
+      source = torch.load(path, map_location="cpu", weights_only=False)
+    if hasattr(source, "state_dict"):
+      source = source.state_dict()
+    if not isinstance(source, Mapping):
+      raise ValueError(f"{path}: holds a {type(source).__name__}, not a state_dict or a model")
+  out = {}
+  for key, value in source.items():
+    if hasattr(value, "detach"):
+      value = value.detach().cpu().numpy()
+    out[key] = np.asarray(value)
+  return out
+
+
+def torch_targets(model: nnx.Module):
+  """(PyTorch key, nnx Variable, converter, PyTorch shape) for every array the original's
+  state_dict fills, in module order."""
+  for path, module in nnx.iter_modules(model):
+    rules = _rules_for(module)
+    if rules is None:
+      continue
+    prefix = torch_prefix(path)
+    for torch_name, attr, convert in rules:
+      target = getattr(module, attr, None)
+      if target is None:  # a conv without bias
+        continue
+      key = f"{prefix}.{torch_name}" if prefix else torch_name
+      yield key, target, functools.partial(convert, layer=module), _torch_shape(
+          target.shape, attr)
+
+
+def load_state_dict(model: nnx.Module, state_dict) -> nnx.Module:
+  """Copy a PyTorch original's weights (a state_dict or a `torch.save` file) into `model`.
+
+  Every parameter and BatchNorm statistic of `model` must be filled and every entry of the
+  state_dict used; otherwise a ValueError lists all missing, unexpected and mis-shaped entries
+  and `model` is left unchanged.
+  """
+  sd = read_state_dict(state_dict)
+  used, problems, updates = set(), [], []
+  for key, target, convert, expected in torch_targets(model):
+    if key not in sd:
+      problems.append(f"missing {key} {expected}")
+      continue
+    used.add(key)
+    if sd[key].shape != expected:
+      problems.append(f"shape of {key}: got {sd[key].shape}, model needs {expected}")
+      continue
+    updates.append((target, convert(sd[key].astype(np.float32))))
+  unexpected = [k for k in sd if k not in used and not k.endswith(_IGNORED_SUFFIXES)]
+  problems += [f"unexpected {k} {sd[k].shape}" for k in unexpected]
+  if problems:
+    raise ValueError(f"state_dict does not fit {type(model).__name__}: " + "; ".join(problems))
+  for target, value in updates:
+    target[...] = jnp.asarray(value, target.dtype)
+  return model
+
+
+def _torch_shape(shape, attr) -> tuple:
+  """The PyTorch shape of an nnx array, for error messages."""
+  if attr == "kernel" and len(shape) == 2:
+    return (shape[1], shape[0])
+  if attr == "kernel" and len(shape) == 4:
+    return (shape[3], shape[2], shape[0], shape[1])
+  if attr == "negative_slope":
+    return (1,)
+  return tuple(shape)

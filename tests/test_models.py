@@ -1,0 +1,172 @@
+"""Model contract, PyTorch-default initialisation and weight-import errors."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hw8jax import models
+from hw8jax.torch_import import load_state_dict, torch_targets
+
+from conftest import images, require_torch
+
+AUX_KEYS = {
+    "ta_fcn": {"z"}, "ta_cnn": {"z"}, "fcn_medium": {"z"}, "fcn_strong": {"z"},
+    "fcn_boss": {"z"}, "ta_vae": {"mu", "logvar"},
+    "multi_encoder": {"mu", "logvar", "fcn_feat", "cnn_feat"},
+    "resnet_boss": {"z", "recon_noise", "logits", "logits_noise"},
+}
+LATENT_SHAPE = {
+    "ta_fcn": (3,), "ta_cnn": (8, 8, 48), "ta_vae": (8, 8, 48), "fcn_medium": (10,),
+    "fcn_strong": (128,), "fcn_boss": (128,), "multi_encoder": (8, 8, 144), "resnet_boss": (256,),
+}
+HAS_BATCHNORM = {"fcn_boss", "multi_encoder", "resnet_boss"}
+
+
+def test_unknown_variant_is_a_clear_error():
+  with pytest.raises(ValueError, match="unknown model 'fcn_huge'; choose one of ta_fcn"):
+    models.build("fcn_huge", rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("variant", models.VARIANTS)
+def test_contract(variant, seed):
+  model = models.build(variant, rngs=nnx.Rngs(seed))
+  x = jnp.asarray(images(np.random.default_rng(seed), 2))
+  stats_before = jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat))
+
+  # Train mode: batch statistics, and the running statistics move.
+  recon, aux = model(x, rngs=nnx.Rngs(noise=seed))
+  assert recon.shape == (2, 64, 64, 3) and recon.dtype == jnp.float32
+  assert float(jnp.abs(recon).max()) <= 1.0  # Tanh output
+  assert set(aux) == AUX_KEYS[variant]
+  stats_after = nnx.state(model, nnx.BatchStat)
+  moved = [not np.array_equal(a, b) for a, b in
+           zip(jax.tree.leaves(stats_before), jax.tree.leaves(stats_after), strict=True)]
+  assert (len(moved) > 0 and all(moved)) == (variant in HAS_BATCHNORM)
+
+  # Eval mode: running statistics, nothing moves, each image independent of its batch mates.
+  model.eval()
+  frozen = jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat))
+  z = model.encode(x)
+  assert z.shape == (2, *LATENT_SHAPE[variant])
+  det = model.decode(z)
+  np.testing.assert_allclose(np.asarray(model(x)[0]), np.asarray(det), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(model.decode(model.encode(x[:1])))[0], np.asarray(det)[0],
+                             atol=1e-5)
+  for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(nnx.state(model, nnx.BatchStat)),
+                  strict=True):
+    np.testing.assert_array_equal(a, np.asarray(b))
+
+  # Randomness comes only from the rngs passed in.
+  def sampled(seed_):
+    recon_, aux_ = model(x, rngs=nnx.Rngs(noise=seed_))
+    return np.asarray(aux_["recon_noise"] if variant == "resnet_boss" else recon_)
+
+  np.testing.assert_array_equal(sampled(seed + 1), sampled(seed + 1))
+  assert np.array_equal(sampled(seed + 1), sampled(seed + 2)) == (variant not in models.STOCHASTIC)
+
+
+def test_build_is_deterministic_given_rngs(seed):
+  a = nnx.state(models.build("ta_cnn", rngs=nnx.Rngs(seed)))
+  b = nnx.state(models.build("ta_cnn", rngs=nnx.Rngs(seed)))
+  c = nnx.state(models.build("ta_cnn", rngs=nnx.Rngs(seed + 1)))
+  leaves = [jax.tree.leaves(s) for s in (a, b, c)]
+  assert all(np.array_equal(x, y) for x, y in zip(leaves[0], leaves[1], strict=True))
+  assert not all(np.array_equal(x, y) for x, y in zip(leaves[0], leaves[2], strict=True))
+
+
+def _stats(a: np.ndarray):
+  a = a.astype(np.float64).ravel()
+  sd = a.std()
+  kurt = ((a - a.mean()) ** 4).mean() / sd**4 if sd > 0 else 0.0
+  return a.mean(), sd, np.abs(a).max(), kurt
+
+
+@pytest.mark.parametrize("variant", models.VARIANTS)
+def test_initialisation_matches_pytorch(variant, seed):
+  """Each tensor's distribution matches what PyTorch draws for the same layer.
+
+  Constants (BatchNorm, PReLU) must be equal. Random tensors: the std within 15% (n >= 200) or
+  60% (16 <= n < 200), the max |w| within 15% for uniform inits (n >= 200, where the sample max
+  is near the bound), the kurtosis within 0.4 (n >= 2000: uniform is 1.8, normal 3.0), the mean
+  within 6 standard errors. Tensors of fewer than 16 values are checked only to be finite.
+  """
+  torch = require_torch()
+  import torch_reference
+
+  torch.manual_seed(seed)
+  ref = {k: v.numpy() for k, v in torch_reference.BUILDERS[variant]().state_dict().items()}
+  model = models.build(variant, rngs=nnx.Rngs(seed))
+  checked = 0
+  for key, target, _, _ in torch_targets(model):
+    got, want = np.asarray(target[...]), ref[key]
+    assert got.size == want.size, key
+    checked += 1
+    if np.all(want == want.ravel()[0]):
+      np.testing.assert_array_equal(got.ravel(), want.ravel(), err_msg=key)
+      continue
+    assert np.all(np.isfinite(got)), key
+    n = got.size
+    if n < 16:
+      continue
+    mg, sg, xg, kg = _stats(got)
+    mw, sw, xw, kw = _stats(want)
+    assert abs(sg / sw - 1) < (0.15 if n >= 200 else 0.6), (key, sg, sw)
+    assert abs(mg - mw) < 6 * sw / np.sqrt(n), (key, mg, mw)
+    if n >= 2000:
+      assert abs(kg - kw) < 0.4, (key, kg, kw)
+    if n >= 200 and kw < 2.2:  # uniform
+      assert abs(xg / xw - 1) < 0.15, (key, xg, xw)
+  assert checked == len([k for k in ref if not k.endswith("num_batches_tracked")])
+
+
+def test_import_reports_every_mismatch_and_changes_nothing(seed):
+  model = models.build("ta_cnn", rngs=nnx.Rngs(seed))
+  before = jax.tree.map(np.asarray, nnx.state(model))
+  rng = np.random.default_rng(seed)
+  sd = {k: rng.normal(size=s).astype(np.float32) for k, s in [
+      ("encoder.0.weight", (12, 3, 4, 4)), ("encoder.0.bias", (12,)),
+      ("encoder.2.weight", (24, 12, 3, 3)),  # wrong kernel size
+      ("encoder.2.bias", (24,)), ("encoder.4.weight", (48, 24, 4, 4)), ("encoder.4.bias", (48,)),
+      ("decoder.0.weight", (48, 24, 4, 4)), ("decoder.0.bias", (24,)),
+      ("decoder.2.weight", (24, 12, 4, 4)), ("decoder.2.bias", (12,)),
+      ("decoder.4.weight", (12, 3, 4, 4)),  # decoder.4.bias missing
+      ("decoder.6.weight", (3, 3)),  # no such layer
+  ]}
+  with pytest.raises(ValueError) as err:
+    load_state_dict(model, sd)
+  msg = str(err.value)
+  assert "missing decoder.4.bias (3,)" in msg
+  assert "shape of encoder.2.weight: got (24, 12, 3, 3), model needs (24, 12, 4, 4)" in msg
+  assert "unexpected decoder.6.weight (3, 3)" in msg
+  assert "\n" not in msg
+  after = jax.tree.map(np.asarray, nnx.state(model))
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("whole_model", [False, True])
+def test_import_from_torch_save_file(tmp_path, seed, whole_model):
+  torch = require_torch()
+  import torch_reference
+
+  torch.manual_seed(seed)
+  ref = torch_reference.TACNN().eval()
+  path = tmp_path / "model.pt"
+  torch.save(ref if whole_model else ref.state_dict(), path)
+  model = load_state_dict(models.build("ta_cnn", rngs=nnx.Rngs(0)), path)
+  model.eval()
+  x = images(np.random.default_rng(seed), 2)
+  with torch.no_grad():
+    want = ref(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))))[0].numpy()
+  np.testing.assert_allclose(np.asarray(model(jnp.asarray(x))[0]), want.transpose(0, 2, 3, 1),
+                             atol=1e-5)
+
+
+def test_import_of_a_missing_file_names_it(tmp_path):
+  require_torch()
+  with pytest.raises(FileNotFoundError, match="nope.pt: no such file"):
+    load_state_dict(models.build("ta_cnn", rngs=nnx.Rngs(0)), tmp_path / "nope.pt")
