@@ -112,9 +112,9 @@ def torch_zero(p):
 # float32 gradient tolerances. Two variants have gradients that are sums of large terms of
 # opposite sign: multi_encoder (a summed squared error over 98,304 terms through BatchNorm's
 # backward sums; seen up to 3e-3 apart) and resnet_boss (the classifier's first conv sees two
-# nearly equal images with opposite labels; seen up to 2e-2 apart). There float32 rounding alone moves
-# the result; their float64 runs below agree to about 1e-13, which shows the computation is the
-# same, so float32 keeps only a sanity bound for them.
+# nearly equal images with opposite labels; seen up to 2e-2 apart). There float32 rounding
+# alone moves the result; their float64 runs below agree to about 1e-13, which shows the
+# computation is the same, so float32 keeps only a sanity bound for them.
 GRAD_RTOL = {"multi_encoder": 5e-2, "resnet_boss": 5e-2}
 
 
