@@ -1,0 +1,18 @@
+"""Input data: validated .npy reading, transforms, grain pipelines, demo and synthetic sets."""
+
+from hw8jax.data.io import (
+    TEST_FILE,
+    TRAIN_FILE,
+    DataError,
+    open_images,
+    open_labels,
+    write_npy_atomic,
+)
+from hw8jax.data.pipeline import Shard, eval_dataset, steps_per_epoch, train_dataset
+from hw8jax.data.transforms import crop, crop_transform, get_transform, normalize
+
+__all__ = [
+    "TEST_FILE", "TRAIN_FILE", "DataError", "Shard", "crop", "crop_transform", "eval_dataset",
+    "get_transform", "normalize", "open_images", "open_labels", "steps_per_epoch",
+    "train_dataset", "write_npy_atomic",
+]

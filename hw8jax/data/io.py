@@ -1,0 +1,93 @@
+"""Reading the Kaggle .npy files: memory-mapped, validated, one-line errors."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+TRAIN_FILE = "trainingset.npy"
+TEST_FILE = "testingset.npy"
+IMAGE_SHAPE = (64, 64, 3)
+
+
+class DataError(ValueError):
+  """Bad input data; the message is one line naming the file and the problem."""
+
+
+def _header(path: str):
+  """(shape, fortran_order, dtype, data offset) of a .npy file, without reading its data."""
+  if not os.path.exists(path):
+    raise DataError(f"{path}: no such file")
+  if not os.path.isfile(path):
+    raise DataError(f"{path}: not a file")
+  try:
+    with open(path, "rb") as f:
+      version = np.lib.format.read_magic(f)
+      read = {(1, 0): np.lib.format.read_array_header_1_0,
+              (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+      if read is None:
+        raise DataError(f"{path}: unsupported .npy format version {version}")
+      shape, fortran, dtype = read(f)
+      return shape, fortran, dtype, f.tell()
+  except DataError:
+    raise
+  except (ValueError, OSError, SyntaxError) as e:
+    raise DataError(f"{path}: not a .npy file ({str(e).splitlines()[0]})") from None
+
+
+def _open(path: str) -> np.ndarray:
+  """The array of a .npy file, memory-mapped, after checking it is complete and not pickled."""
+  path = os.fspath(path)
+  shape, _, dtype, offset = _header(path)
+  if dtype.hasobject:
+    raise DataError(f"{path}: holds Python objects (dtype {dtype}); refusing to unpickle")
+  need = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+  have = os.path.getsize(path)
+  if have < need:
+    raise DataError(f"{path}: truncated: {have} bytes, the header promises {need}")
+  if int(np.prod(shape, dtype=np.int64)) == 0:
+    raise DataError(f"{path}: empty array of shape {shape}")
+  return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def open_images(path) -> np.ndarray:
+  """A (N, 64, 64, 3) uint8 image file, memory-mapped.
+
+  Only uint8 is accepted: the images are 8-bit photographs and every transform assumes 0..255.
+  Any other dtype is an error that says how to convert, rather than a silent guess at its range.
+  """
+  path = os.fspath(path)
+  shape, _, dtype, _ = _header(path)
+  if len(shape) != 4 or tuple(shape[1:]) != IMAGE_SHAPE:
+    raise DataError(f"{path}: shape {tuple(shape)}, expected (N, 64, 64, 3) images")
+  if not dtype.hasobject and dtype != np.uint8:
+    raise DataError(f"{path}: dtype {dtype}, expected uint8 pixels 0..255 "
+                    "(convert with np.clip(a, 0, 255).astype(np.uint8))")
+  return _open(path)
+
+
+def open_labels(path, num_images: int) -> np.ndarray:
+  """0/1 anomaly labels (1 = anomaly), shape (num_images,), as an int32 array in memory."""
+  path = os.fspath(path)
+  shape, _, dtype, _ = _header(path)
+  if len(shape) != 1:
+    raise DataError(f"{path}: shape {tuple(shape)}, expected ({num_images},) labels")
+  if dtype.hasobject or dtype.kind not in "biuf":
+    raise DataError(f"{path}: dtype {dtype}, expected 0/1 integer labels")
+  labels = np.asarray(_open(path))
+  if labels.shape[0] != num_images:
+    raise DataError(f"{path}: {labels.shape[0]} labels for {num_images} test images")
+  if not np.isin(labels, (0, 1)).all():
+    raise DataError(f"{path}: labels must be 0 (normal) or 1 (anomaly), found "
+                    f"{sorted(set(np.unique(labels).tolist()) - {0, 1})[:5]}")
+  return labels.astype(np.int32)
+
+
+def write_npy_atomic(path, array: np.ndarray) -> None:
+  """np.save through a temporary file and a rename, so a reader never sees half a file."""
+  path = os.fspath(path)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "wb") as f:
+    np.save(f, array, allow_pickle=False)
+  os.replace(tmp, path)
