@@ -6,12 +6,14 @@ import os
 
 import numpy as np
 
+from hw8jax.errors import UserError
+
 TRAIN_FILE = "trainingset.npy"
 TEST_FILE = "testingset.npy"
 IMAGE_SHAPE = (64, 64, 3)
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
   """Bad input data; the message is one line naming the file and the problem."""
 
 

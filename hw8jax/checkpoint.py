@@ -1,0 +1,51 @@
+"""orbax checkpoints of a run: `latest` (the last `keep`, with the grain iterator) and `best`
+(one, by epoch loss or validation AUC) in separate managers, so keeping the best never deletes a
+latest one and vice versa.
+
+Layout: WORKDIR/checkpoints/{latest,best}/<step>/{state,data}. `state` is the train state pytree
+(params, batch_stats, opt_state, step, ...); `data` is the grain iterator's state (latest only).
+"""
+
+from __future__ import annotations
+
+import os
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+
+def managers(workdir: str, keep: int) -> dict[str, ocp.CheckpointManager]:
+  root = os.path.join(os.path.abspath(workdir), "checkpoints")
+  return {
+      "latest": ocp.CheckpointManager(
+          os.path.join(root, "latest"), options=ocp.CheckpointManagerOptions(max_to_keep=keep)),
+      "best": ocp.CheckpointManager(
+          os.path.join(root, "best"), options=ocp.CheckpointManagerOptions(max_to_keep=1)),
+  }
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state, iterator=None) -> None:
+  items = {"state": ocp.args.StandardSave(state)}
+  if iterator is not None:
+    items["data"] = grain.checkpoint.CheckpointSave(iterator)
+  mngr.save(step, args=ocp.args.Composite(**items), force=True)
+
+
+def restore(mngr: ocp.CheckpointManager, abstract_state, iterator=None, step: int | None = None):
+  """The state saved at `step` (default: the newest), laid out as `abstract_state` says
+  (shapes, dtypes and shardings: so a checkpoint restores onto any number of devices), and the
+  iterator moved to where it was."""
+  step = mngr.latest_step() if step is None else step
+  items = {"state": ocp.args.StandardRestore(abstract_state)}
+  if iterator is not None:
+    items["data"] = grain.checkpoint.CheckpointRestore(iterator)
+  return mngr.restore(step, args=ocp.args.Composite(**items))["state"]
+
+
+def abstract(state, sharding=None):
+  """ShapeDtypeStructs of `state`, placed with `sharding` (default: each leaf's own)."""
+  def leaf(x):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                sharding=sharding if sharding is not None else x.sharding)
+  return jax.tree.map(leaf, state)
