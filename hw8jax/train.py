@@ -110,9 +110,10 @@ def make_train_step(graphdef, tx, variant: str, transform, key, compute_dtype=jn
       model = nnx.merge(graphdef, jax.tree.map(lambda p: p.astype(compute_dtype), params),
                         batch_stats)
       recon, aux = model(x.astype(compute_dtype), rngs=nnx.Rngs(noise=noise))
-      value, terms = loss(x, recon.astype(jnp.float32), aux)
-      stats = jax.tree.map(lambda s: s.astype(jnp.float32), nnx.state(model, nnx.BatchStat))
-      return value.astype(jnp.float32), (terms, stats)
+      value, terms = loss(x, recon.astype(x.dtype), aux)
+      stats = jax.tree.map(lambda new, old: new.astype(old.dtype),
+                           nnx.state(model, nnx.BatchStat), batch_stats)
+      return value.astype(x.dtype), (terms, stats)
 
     # batch_stats are differentiated too (and their zero gradient dropped, XLA removes it) so
     # that the BatchStat variables merged inside are at the same trace level as the params:
