@@ -1,0 +1,183 @@
+"""Scoring: the scorer's numbers, padded batches, printed AUC vs the CSV, outputs, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hw8jax import config as config_lib
+from hw8jax import data, models, report
+from hw8jax.data.demo import make_synthetic, synthetic_images
+from hw8jax.main import run
+from hw8jax.score import image_error, make_scorer, score_images
+
+from conftest import images
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_image_error_metrics(seed):
+  rng = np.random.default_rng(seed)
+  r, x = images(rng, 1)[0], images(rng, 1)[0]
+  d2 = (r - x).astype(np.float64) ** 2
+  cases = {"l2": np.sqrt(d2.sum()), "mse": d2.mean(), "mae": np.abs(r - x).mean(),
+           "topk": np.sort(d2.ravel())[-100:].mean()}
+  for metric, want in cases.items():
+    got = float(image_error(jnp.asarray(r), jnp.asarray(x), metric, topk=100))
+    assert got == pytest.approx(want, rel=1e-5), metric
+  with pytest.raises(ValueError, match="unknown score metric 'psnr'"):
+    image_error(jnp.asarray(r), jnp.asarray(x), "psnr")
+
+
+def _eval_model(variant, seed):
+  model = models.build(variant, rngs=nnx.Rngs(seed))
+  model.eval()
+  graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  return model, graphdef, (params, stats)
+
+
+@pytest.mark.parametrize("n", [13, 16, 1])
+def test_padded_batches_score_each_image_once(n, seed):
+  """N not a multiple of the batch: every image scored once, equal to scoring it alone and to
+  the sample code's formula computed directly."""
+  model, graphdef, state = _eval_model("ta_cnn", seed)
+  imgs = synthetic_images(n, seed)
+  scorer = make_scorer(graphdef)
+  key = jax.random.key(0)
+  batched = score_images(scorer, state, imgs, batch_size=8, key=key)
+  assert batched.shape == (n,)
+  alone = np.concatenate([score_images(scorer, state, imgs[i:i + 1], batch_size=8, key=key)
+                          for i in range(n)])
+  np.testing.assert_allclose(batched, alone, rtol=1e-6)
+  x = data.normalize(imgs)
+  direct = np.sqrt(((np.asarray(model.decode(model.encode(x))) - np.asarray(x)) ** 2)
+                   .sum(axis=(1, 2, 3)))
+  np.testing.assert_allclose(batched, direct, rtol=1e-5)
+
+
+def test_vae_scores_sampled_or_deterministic(seed):
+  model, graphdef, state = _eval_model("ta_vae", seed)
+  imgs = synthetic_images(6, seed)
+  key = jax.random.key(seed)
+  sampled = score_images(make_scorer(graphdef), state, imgs, batch_size=4, key=key)
+  again = score_images(make_scorer(graphdef), state, imgs, batch_size=4, key=key)
+  other = score_images(make_scorer(graphdef), state, imgs, batch_size=4,
+                       key=jax.random.key(seed + 1))
+  mu = score_images(make_scorer(graphdef, sample=False), state, imgs, batch_size=4, key=key)
+  np.testing.assert_array_equal(sampled, again)
+  assert not np.array_equal(sampled, other)
+  x = data.normalize(imgs)
+  direct = np.sqrt(((np.asarray(model.decode(model.encode(x))) - np.asarray(x)) ** 2)
+                   .sum(axis=(1, 2, 3)))
+  np.testing.assert_allclose(mu, direct, rtol=1e-5)
+
+
+def test_submission_roundtrip_is_atomic_and_exact(tmp_path, seed):
+  scores = np.random.default_rng(seed).normal(size=37).astype(np.float32)
+  path = str(tmp_path / "submission.csv")
+  report.write_submission(path, scores)
+  assert open(path).readline() == "ID,score\n"
+  np.testing.assert_array_equal(report.read_submission(path).astype(np.float32), scores)
+  assert os.listdir(tmp_path) == ["submission.csv"]  # no temporary left behind
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A quick fcn_boss run with labels, trained and scored; returns (workdir, stdout)."""
+  d = tmp_path_factory.mktemp("scored")
+  labels = make_synthetic(d / "data", num_train=64, num_test=21, seed=1)
+  c = config_lib.apply_arg(config_lib.base_config("fcn_boss"), "quick")
+  c.data.dir = str(d / "data")
+  c.data.test_labels = labels
+  c.data.transform = "crop"
+  c.score.batch_size = 8  # 21 test images: the last batch is padded
+  workdir = str(d / "work")
+  import contextlib
+  import io
+
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    record = run(c, workdir, "train_and_score")
+  return workdir, out.getvalue(), record, labels
+
+
+def test_printed_auc_is_the_auc_of_the_written_csv(trained):
+  from sklearn.metrics import roc_auc_score
+
+  workdir, out, record, labels_path = trained
+  printed = float(re.search(r"ROC AUC (\d\.\d{4})", out).group(1))
+  scores = report.read_submission(os.path.join(workdir, "submission.csv"))
+  labels = np.load(labels_path)
+  assert len(scores) == len(labels) == 21
+  recomputed = roc_auc_score(labels, scores)
+  assert printed == round(recomputed, 4)
+  saved = json.load(open(os.path.join(workdir, "eval.json")))
+  assert saved["auc"] == pytest.approx(recomputed, abs=1e-12) and saved == record
+  np.testing.assert_array_equal(np.load(os.path.join(workdir, "scores.npy")),
+                                scores.astype(np.float32))
+
+
+def test_outputs_and_figures_are_written(trained):
+  workdir = trained[0]
+  for name in ("submission.csv", "scores.npy", "eval.json", "config.json", "metrics.jsonl",
+               "roc.png", "reconstructions.png", "latent_edits.png"):
+    path = os.path.join(workdir, name)
+    assert os.path.getsize(path) > 0, name
+  for name in ("roc.png", "reconstructions.png", "latent_edits.png"):
+    assert open(os.path.join(workdir, name), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_best_and_latest_checkpoints_both_score(trained):
+  workdir = trained[0]
+  c = config_lib.base_config("fcn_boss")
+  c.data.transform = "crop"
+  from hw8jax.main import restore_model_state
+  from hw8jax.train import make_mesh
+
+  for which in ("latest", "best"):
+    _, _, step = restore_model_state(c, workdir, which, make_mesh())
+    assert 0 < step <= 20
+
+
+def _cli(*args, cwd=None):
+  return subprocess.run([sys.executable, os.path.join(REPO, "launch.py"), *args],
+                        capture_output=True, text=True, cwd=cwd, timeout=300,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def test_cli_missing_data_says_where_to_put_it(tmp_path):
+  r = _cli(f"--config={REPO}/configs/fcn_boss.py", f"--workdir={tmp_path / 'w'}",
+           f"--config.data.dir={tmp_path / 'data'}")
+  assert r.returncode == 1
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+  assert lines[0].startswith(f"error: {tmp_path / 'data'}: no such folder. Put the Kaggle files")
+  assert "configs/fcn_boss.py:demo" in lines[0]
+
+
+def test_cli_bad_file_is_one_line_naming_it(tmp_path):
+  d = tmp_path / "data"
+  d.mkdir()
+  np.save(d / data.TRAIN_FILE, np.zeros((4, 64, 64, 3), np.float32))
+  np.save(d / data.TEST_FILE, np.zeros((4, 64, 64, 3), np.uint8))
+  r = _cli(f"--config={REPO}/configs/ta_cnn.py:quick", f"--workdir={tmp_path / 'w'}",
+           f"--config.data.dir={d}")
+  assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+  assert r.stderr.strip() == (f"error: {d / data.TRAIN_FILE}: dtype float32, expected uint8 "
+                              "pixels 0..255 (convert with np.clip(a, 0, 255).astype(np.uint8))")
+  labels = d / "labels.npy"
+  np.save(labels, np.zeros(3, np.int64))
+  np.save(d / data.TRAIN_FILE, np.zeros((4, 64, 64, 3), np.uint8))
+  r = _cli(f"--config={REPO}/configs/ta_cnn.py:quick", f"--workdir={tmp_path / 'w'}",
+           f"--config.data.dir={d}", f"--config.data.test_labels={labels}")
+  assert r.returncode == 1
+  assert r.stderr.strip() == f"error: {labels}: 3 labels for 4 test images"
