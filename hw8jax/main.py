@@ -44,7 +44,11 @@ def load_data(config: ml_collections.ConfigDict, workdir: str):
 
 
 def _maybe_init_distributed(config) -> None:
+  """Join a multi-process run when the config names a coordinator (each process is started
+  with its own process_id). CPU processes exchange collectives through gloo."""
   if config.coordinator_address and not jax.distributed.is_initialized():
+    if os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(config.coordinator_address, num_processes=config.num_processes,
                                process_id=config.process_id)
 
@@ -112,7 +116,11 @@ def score_run(config, workdir: str, train_images, test_images, labels):
   print(f"wrote {csv_path} ({len(scores)} rows) from the {config.checkpoint.restore} "
         f"checkpoint (step {step})", flush=True)
   record = None
-  model = nnx.merge(eval_def, *model_state)
+  # Figures are small eager computations: on this process's first device, from a local copy of
+  # the replicated parameters (whatever mesh they were restored onto).
+  local = jax.tree.map(lambda a: jax.device_put(a.addressable_data(0), jax.local_devices()[0]),
+                       model_state)
+  model = nnx.merge(eval_def, *local)
   x_all = transform(np.asarray(test_images[: min(len(test_images), 4096)]))
   order = np.argsort(scores[: len(x_all)])
   picks = np.concatenate([order[-6:][::-1], order[:6]])

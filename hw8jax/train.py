@@ -17,6 +17,7 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -266,9 +267,11 @@ def _end_epoch(state, done, spe, scorer, test_images, test_labels, config, score
     quality = record["val_auc"]
   else:
     quality = -mean_loss
-  state = dict(state, epoch_loss_sum=jnp.zeros_like(state["epoch_loss_sum"]))
+  # Host values go back as replicated global arrays (what orbax saves in multi-process runs).
+  sharding = state["step"].sharding
+  state = dict(state, epoch_loss_sum=jax.device_put(np.float32(0), sharding))
   if quality > float(state["best"]):
-    state = dict(state, best=jnp.asarray(quality, jnp.float32))
+    state = dict(state, best=jax.device_put(np.float32(quality), sharding))
     checkpoint.save(mngrs["best"], done, state)
     record["best"] = True
   _log(f"epoch {done // spe} done: mean loss {mean_loss:.6g}"

@@ -59,8 +59,9 @@ def test_get_transform():
   x = random_uint8(0, 2)
   assert data.get_transform("none") is data.normalize
   assert data.get_transform("crop") is data.crop_transform
-  np.testing.assert_array_equal(np.asarray(data.get_transform([16, 16, 28, 32])(x)),
-                                np.asarray(data.crop(x, 16, 16, 28, 32)))
+  for spec in ([16, 16, 28, 32], "16,16,28,32"):
+    np.testing.assert_array_equal(np.asarray(data.get_transform(spec)(x)),
+                                  np.asarray(data.crop(x, 16, 16, 28, 32)))
   with pytest.raises(ValueError, match="unknown transform 'zoom'"):
     data.get_transform("zoom")
   with pytest.raises(ValueError, match=r"crop \[50, 90\) does not fit in 64 pixels"):

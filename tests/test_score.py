@@ -181,3 +181,44 @@ def test_cli_bad_file_is_one_line_naming_it(tmp_path):
            f"--config.data.dir={d}", f"--config.data.test_labels={labels}")
   assert r.returncode == 1
   assert r.stderr.strip() == f"error: {labels}: 3 labels for 4 test images"
+
+
+def test_ensemble_rank_and_zscore(tmp_path, seed):
+  from hw8jax.ensemble import combine, main
+
+  rng = np.random.default_rng(seed)
+  labels = np.repeat([0, 1], 20)
+  a = labels + rng.normal(0, 0.8, 40)
+  b = 100 * (labels + rng.normal(0, 0.8, 40))  # same kind of signal, another scale
+  rank = combine([a, b], "rank")
+  np.testing.assert_allclose(rank, (a.argsort().argsort() + b.argsort().argsort()) / 2 / 39)
+  z = combine([a, b], "zscore")
+  np.testing.assert_allclose(z, ((a - a.mean()) / a.std() + (b - b.mean()) / b.std()) / 2)
+  for i, s in enumerate((a, b)):
+    (tmp_path / f"w{i}").mkdir()
+    np.save(tmp_path / f"w{i}" / "scores.npy", s.astype(np.float32))
+  np.save(tmp_path / "labels.npy", labels)
+  assert main(["--workdirs", str(tmp_path / "w0"), str(tmp_path / "w1"), "--out",
+               str(tmp_path / "out"), "--labels", str(tmp_path / "labels.npy")]) == 0
+  written = report.read_submission(str(tmp_path / "out" / "submission.csv"))
+  np.testing.assert_allclose(written, combine([a.astype(np.float32), b.astype(np.float32)]),
+                             rtol=1e-6)
+  from sklearn.metrics import roc_auc_score
+
+  saved = json.load(open(tmp_path / "out" / "eval.json"))
+  assert saved["auc"] == pytest.approx(roc_auc_score(labels, written))
+  assert main(["--workdirs", str(tmp_path / "w0"), str(tmp_path / "nope"), "--out",
+               str(tmp_path / "o2")]) == 1
+
+
+def test_multi_crop_configs():
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location("fcn_crops", f"{REPO}/configs/fcn_crops.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  for i, box in enumerate(((16, 16, 28, 32), (10, 12, 40, 44), (12, 14, 36, 40))):
+    c = mod.get_config(str(i))
+    assert c.data.transform == ",".join(map(str, box)) and c.batch_size == 512
+    assert data.get_transform(c.data.transform) is not None
+  assert mod.get_config("2,quick").max_steps == 20

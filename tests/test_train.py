@@ -139,25 +139,29 @@ def _restore_params(workdir):
   return step, restored["state"]
 
 
-def _launch(workdir, data_dir, *extra):
+def _launch(workdir, data_dir, cache_dir):
   cmd = [sys.executable, os.path.join(REPO, "launch.py"),
          f"--config={os.path.join(REPO, 'configs', 'multi_encoder.py')}:quick",
          f"--workdir={workdir}", "--mode=train", f"--config.data.dir={data_dir}",
          "--config.batch_size=8", "--config.max_steps=40", "--config.checkpoint.every_steps=6",
-         "--config.seed=7", *extra]
+         "--config.seed=7"]
+  # A shared compilation cache: the second and third launches skip compiling (same programs,
+  # so the same results).
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+                          env=env)
 
 
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(synthetic_dir, tmp_path):
   """multi_encoder (BatchNorm, VAE noise, 8 steps an epoch): killed after its step-12 or later
   checkpoint, mid-epoch, and restarted, it ends bit-identical to an uninterrupted run."""
   whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
-  p = _launch(whole, synthetic_dir)
+  p = _launch(whole, synthetic_dir, tmp_path / "cache")
   out = p.communicate(timeout=600)[0]
   assert p.returncode == 0, out
 
-  p = _launch(killed, synthetic_dir)
+  p = _launch(killed, synthetic_dir, tmp_path / "cache")
   latest = os.path.join(killed, "checkpoints", "latest")
   deadline = time.time() + 300
   while time.time() < deadline and p.poll() is None:
@@ -171,7 +175,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(synthetic_dir, tmp_path)
   killed_at = _latest_step(killed)
   assert killed_at is not None and killed_at < 40 and killed_at % 8 != 0, killed_at
 
-  p = _launch(killed, synthetic_dir)
+  p = _launch(killed, synthetic_dir, tmp_path / "cache")
   out = p.communicate(timeout=600)[0]
   assert p.returncode == 0, out
   assert f"resumed from step {killed_at} of 40" in out

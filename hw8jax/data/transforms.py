@@ -77,11 +77,13 @@ def crop(images: jax.Array, top: int, left: int, height: int, width: int) -> jax
 
 def get_transform(spec) -> callable:
   """The transform a config names: "none" (normalise), "crop" (the boss crop), or a
-  (top, left, height, width) box."""
+  (top, left, height, width) box, also written "top,left,height,width"."""
   if spec in (None, "none", "normalize"):
     return normalize
   if spec == "crop":
     return crop_transform
+  if isinstance(spec, str) and spec.count(",") == 3:
+    spec = spec.split(",")
   if isinstance(spec, (tuple, list)) and len(spec) == 4:
     return functools.partial(crop, **dict(zip(("top", "left", "height", "width"),
                                               map(int, spec), strict=True)))
