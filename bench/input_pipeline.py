@@ -75,7 +75,7 @@ def main():
   cfg = config_lib.base_config("fcn_boss")
   cfg.schedule.name = "warmup_cosine"
   tx = train.make_optimizer(cfg, train.make_schedule(cfg, 1000))
-  train_def, _, params, stats = train.init_model(cfg, 0)
+  train_def, _, params, stats = train.init_model(cfg, jax.random.key(0))
   key = jax.random.key(0)
   with_transform = jax.jit(train.make_train_step(train_def, tx, "fcn_boss", data.crop_transform,
                                                  key), donate_argnums=0)

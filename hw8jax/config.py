@@ -52,6 +52,8 @@ def base_config(model: str) -> ml_collections.ConfigDict:
 
   c.log_every_seconds = 5.0
   c.compute_dtype = "float32"      # "bfloat16": bf16 compute, fp32 params and optimiser
+  c.matmul_precision = "highest"   # float32 matmuls in full float32 on GPUs too (not TF32);
+                                   # "default" lets XLA use TF32 / bf16 passes
   c.coordinator_address = ""       # host:port to run multi-process (jax.distributed)
   c.num_processes = 1
   c.process_id = 0

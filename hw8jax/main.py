@@ -60,6 +60,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train_and_
   if config.model not in models.VARIANTS:
     raise UserError(f"model {config.model!r}: choose one of {', '.join(models.VARIANTS)}")
   _maybe_init_distributed(config)
+  # Explicit, because the default on GPUs computes float32 matmuls in TF32 (PyTorch's default
+  # does not); "highest" keeps float32 runs float32. It changes nothing on CPU.
+  with jax.default_matmul_precision(config.matmul_precision):
+    return _run(config, workdir, mode)
+
+
+def _run(config, workdir: str, mode: str):
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     report.write_json(os.path.join(workdir, "config.json"), config.to_dict())
@@ -104,7 +111,7 @@ def score_run(config, workdir: str, train_images, test_images, labels):
   scorer = make_scorer(eval_def, metric=config.score.metric, topk=config.score.topk,
                        sample=config.score.sample, transform=transform,
                        compute_dtype=train.COMPUTE_DTYPES[config.compute_dtype])
-  key = jax.random.split(jax.random.key(config.seed), 3)[2]
+  key = train.run_keys(config.seed)["score"]
   batch = config.score.batch_size - config.score.batch_size % jax.device_count() or \
       jax.device_count()
   scores = score_images(scorer, model_state, test_images, batch_size=batch, key=key, mesh=mesh)

@@ -49,7 +49,8 @@ def make_scorer(graphdef, *, metric: str = "l2", topk: int = 256, sample: bool =
 
   @jax.jit
   def score(model_state, images, key):
-    model = nnx.merge(graphdef, *model_state)
+    params, stats = model_state
+    model = nnx.merge(graphdef, jax.tree.map(lambda p: p.astype(compute_dtype), params), stats)
     x = transform(images)
     xin = x.astype(compute_dtype)
     if sample:

@@ -77,9 +77,16 @@ def total_steps(config, num_images: int) -> int:
 # --- state and step
 
 
-def init_model(config, seed: int):
+def run_keys(seed: int) -> dict:
+  """Every key of a run, from the config's one seed: model init, training noise (folded with
+  the step) and scoring noise (folded with the batch)."""
+  init, noise, score = jax.random.split(jax.random.key(seed), 3)
+  return {"init": init, "noise": noise, "score": score}
+
+
+def init_model(config, key: jax.Array):
   """(train graphdef, eval graphdef, params, batch_stats) of a fresh model."""
-  model = models.build(config.model, rngs=nnx.Rngs(params=seed))
+  model = models.build(config.model, rngs=nnx.Rngs(params=key))
   model.train()
   train_def, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   model.eval()
@@ -184,13 +191,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_images, test_im
   spe = data.steps_per_epoch(len(train_images), config.batch_size)
   schedule = make_schedule(config, num_steps)
   tx = make_optimizer(config, schedule)
-  root = jax.random.key(config.seed)
-  init_key, noise_key, score_key = jax.random.split(root, 3)
-  train_def, eval_def, params, stats = init_model(
-      config, int(jax.random.randint(init_key, (), 0, 2**31 - 1)))
+  keys = run_keys(config.seed)
+  train_def, eval_def, params, stats = init_model(config, keys["init"])
   state = jax.device_put(init_state(params, stats, tx), replicated)
   transform = data.get_transform(config.data.transform)
-  step_fn = jax.jit(make_train_step(train_def, tx, config.model, transform, noise_key,
+  step_fn = jax.jit(make_train_step(train_def, tx, config.model, transform, keys["noise"],
                                     compute_dtype),
                     in_shardings=(replicated, batch_sharding),
                     out_shardings=(replicated, replicated), donate_argnums=0)
@@ -242,7 +247,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_images, test_im
         last_log, log_step = now, done
       if end_of_epoch:
         state = _end_epoch(state, done, spe, scorer, test_images, test_labels, config,
-                           score_key, mesh, mngrs, metrics_path)
+                           keys["score"], mesh, mngrs, metrics_path)
       if done % config.checkpoint.every_steps == 0 or done == num_steps:
         _check_finite(float(state["epoch_loss_sum"]), done, mngrs)
         checkpoint.save(mngrs["latest"], done, state, iterator)

@@ -254,3 +254,29 @@ def _follow_pytorch(variant, schedule, dtype, seed):
     opt.step()
     torch_sched.step()
     assert float(metrics["loss"]) == pytest.approx(loss_t.item(), rel=1e-3), i
+
+
+def test_bfloat16_compute_keeps_float32_state(synthetic_dir, tmp_path):
+  """Mixed precision: bf16 compute trains (finite losses close to float32's) while params,
+  BatchNorm statistics and the optimiser state stay float32 in the checkpoint."""
+  losses = {}
+  for dtype in ("float32", "bfloat16"):
+    c = quick_config("fcn_boss", synthetic_dir)
+    c.compute_dtype = dtype
+    c.max_steps = 4
+    c.log_every_seconds = 0.0
+    c.data.test_labels = ""
+    workdir = str(tmp_path / dtype)
+    run(c, workdir, "train")
+    losses[dtype] = [json.loads(x)["loss"] for x in open(os.path.join(workdir, "metrics.jsonl"))
+                     if '"loss"' in x]
+  assert len(losses["bfloat16"]) == 4 and all(math.isfinite(v) for v in losses["bfloat16"])
+  np.testing.assert_allclose(losses["bfloat16"][0], losses["float32"][0], rtol=2e-2)
+  m = ocp.CheckpointManager(os.path.join(str(tmp_path / "bfloat16"), "checkpoints", "latest"))
+  try:
+    meta = m.restore(4, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  finally:
+    m.close()
+  dtypes = {np.asarray(x).dtype for x in jax.tree.leaves(
+      (meta["params"], meta["batch_stats"], meta["opt_state"])) if np.asarray(x).ndim > 0}
+  assert dtypes == {np.dtype(np.float32)}

@@ -1,0 +1,212 @@
+"""hw8jax against the PyTorch originals, side by side on this machine (not a test).
+
+For every variant: train-step and scoring throughput (images/s) of hw8jax's jitted step and
+scorer against the PyTorch original (forward, loss, backward, Adam step; eval forward and the
+per-image error), timed alternately in one process after warm-up; medians and the ratio
+hw8jax / PyTorch. Then one fcn_boss epoch with the crop transform end to end: hw8jax's grain
+pipeline with the transform in the step, against the seed's pipeline (a torch DataLoader whose
+Dataset applies the transform to one image at a time, as torchvision's Resize on a tensor does).
+
+  python bench/compare_torch.py --quick          # under 10 minutes on a 2-core CPU
+  python bench/compare_torch.py --batch=2000 --epoch_images=100000
+
+Needs torch (the test extra). The PyTorch originals are the test suite's references
+(tests/torch_reference.py), built from the spec with the originals' layer lists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import torch.nn.functional as F
+from flax import nnx
+
+from hw8jax import config as config_lib
+from hw8jax import data, models, train
+from hw8jax.data.demo import synthetic_images
+from hw8jax.score import make_scorer
+from hw8jax.torch_import import load_state_dict
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "tests"))
+import torch_reference  # noqa: E402
+
+
+def machine() -> str:
+  return (f"{platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__} on "
+          f"{jax.devices()[0].device_kind}; torch {torch.__version__} with "
+          f"{torch.get_num_threads()} threads")
+
+
+def alternate(fns, reps: int, warmup: int = 2) -> list[float]:
+  """Median seconds of each fn, calling them in turn `warmup + reps` times."""
+  times = [[] for _ in fns]
+  for r in range(warmup + reps):
+    for i, fn in enumerate(fns):
+      t = time.perf_counter()
+      fn()
+      if r >= warmup:
+        times[i].append(time.perf_counter() - t)
+  return [statistics.median(t) for t in times]
+
+
+def nchw(x) -> torch.Tensor:
+  return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
+
+
+def bench_variant(variant: str, batch: int, score_batch: int, reps: int):
+  torch.manual_seed(0)
+  ref = torch_reference.BUILDERS[variant]().train()
+  model = load_state_dict(models.build(variant, rngs=nnx.Rngs(0)), ref.state_dict())
+  model.train()
+  graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  cfg = config_lib.base_config(variant)
+  tx = train.make_optimizer(cfg, train.make_schedule(cfg, 100))
+  step = jax.jit(train.make_train_step(graphdef, tx, variant, data.normalize, jax.random.key(0)),
+                 donate_argnums=0)
+  box = {"state": train.init_state(params, stats, tx)}
+  imgs = synthetic_images(max(batch, score_batch), 0)
+  x_u8 = jax.device_put(imgs[:batch])
+  xt = nchw(data.normalize(imgs[:batch]))
+  opt = torch.optim.Adam(ref.parameters(), lr=1e-3)
+  noise = torch_noise(variant, batch)
+
+  def jax_train():
+    box["state"], m = step(box["state"], x_u8)
+    jax.block_until_ready(m["loss"])
+
+  def torch_train():
+    recon, aux = ref(xt, **noise)
+    loss = torch_reference.loss(variant, xt, recon, aux)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+  t_jax, t_torch = alternate([jax_train, torch_train], reps)
+  train_row = (batch / t_jax, batch / t_torch)
+
+  model.eval()
+  eval_def = nnx.graphdef(model)
+  scorer = make_scorer(eval_def)
+  s_u8 = jax.device_put(imgs[:score_batch])
+  st = nchw(data.normalize(imgs[:score_batch]))
+  key = jax.random.key(0)
+  model_state = (box["state"]["params"], box["state"]["batch_stats"])
+  ref.eval()
+  s_noise = torch_noise(variant, score_batch)
+
+  def jax_score():
+    jax.block_until_ready(scorer(model_state, s_u8, key))
+
+  def torch_score():
+    with torch.no_grad():
+      recon, _ = ref(st, **s_noise)
+      torch.sqrt(((recon - st) ** 2).sum(dim=(1, 2, 3))).numpy()
+
+  t_jax, t_torch = alternate([jax_score, torch_score], reps)
+  return train_row, (score_batch / t_jax, score_batch / t_torch)
+
+
+def torch_noise(variant: str, batch: int) -> dict:
+  if variant in ("ta_vae", "multi_encoder"):
+    return {"eps": torch.randn(batch, 48, 8, 8)}
+  if variant == "resnet_boss":
+    return {"noise": torch.randn(batch, 256)}
+  return {}
+
+
+class SeedDataset(torch.utils.data.Dataset):
+  """The seed's data path: a uint8 array, one image at a time through the crop transform."""
+
+  def __init__(self, images):
+    self.images = images
+
+  def __len__(self):
+    return len(self.images)
+
+  def __getitem__(self, i):
+    x = torch.from_numpy(np.ascontiguousarray(self.images[i].transpose(2, 0, 1))).float()
+    x = F.interpolate(x[None], size=(256, 256), mode="bilinear", antialias=True)
+    x = x[:, :, 30:226, 30:226]
+    x = F.interpolate(x, size=(64, 64), mode="bilinear", antialias=True)[0]
+    return 2.0 * x / 255.0 - 1.0
+
+
+def bench_epoch(num_images: int, batch: int):
+  """Seconds for one fcn_boss epoch with the crop transform, hw8jax vs the seed's pipeline."""
+  images = synthetic_images(num_images, 1)
+  steps = num_images // batch
+  torch.manual_seed(0)
+  ref = torch_reference.BUILDERS["fcn_boss"]().train()
+  model = load_state_dict(models.build("fcn_boss", rngs=nnx.Rngs(0)), ref.state_dict())
+  model.train()
+  graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  cfg = config_lib.base_config("fcn_boss")
+  cfg.schedule.name = "warmup_cosine"
+  tx = train.make_optimizer(cfg, train.make_schedule(cfg, steps))
+  step = jax.jit(train.make_train_step(graphdef, tx, "fcn_boss", data.crop_transform,
+                                       jax.random.key(0)), donate_argnums=0)
+  state = train.init_state(params, stats, tx)
+  # Compile outside the timed epoch, as a long run amortises it.
+  state, m = step(state, jnp.asarray(images[:batch]))
+  jax.block_until_ready(m)
+
+  t = time.perf_counter()
+  for b in data.train_dataset(images, batch_size=batch, seed=0, num_steps=steps):
+    state, m = step(state, b["image"])
+  jax.block_until_ready(m)
+  t_jax = time.perf_counter() - t
+
+  opt = torch.optim.Adam(ref.parameters(), lr=1e-3)
+  loader = torch.utils.data.DataLoader(SeedDataset(images), batch_size=batch, shuffle=True,
+                                       drop_last=True)
+  t = time.perf_counter()
+  for x in loader:
+    recon, _ = ref(x)
+    loss = F.mse_loss(recon, x)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+  t_torch = time.perf_counter() - t
+  return t_jax, t_torch
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--quick", action="store_true", help="small batches, few repeats")
+  p.add_argument("--batch", type=int, default=256)
+  p.add_argument("--score_batch", type=int, default=500)
+  p.add_argument("--reps", type=int, default=5)
+  p.add_argument("--epoch_images", type=int, default=4096)
+  p.add_argument("--epoch_batch", type=int, default=256)
+  p.add_argument("--variants", default=",".join(models.VARIANTS))
+  args = p.parse_args()
+  if args.quick:
+    args.batch, args.score_batch, args.reps = 32, 128, 3
+    args.epoch_images, args.epoch_batch = 1024, 64
+  torch.set_num_threads(os.cpu_count())
+  print("machine:", machine())
+  print(f"train batch {args.batch}, score batch {args.score_batch}, median of {args.reps}, "
+        "images/s")
+  print(f"{'variant':14s} {'train hw8jax':>13s} {'torch':>9s} {'ratio':>6s}   "
+        f"{'score hw8jax':>13s} {'torch':>9s} {'ratio':>6s}")
+  for v in args.variants.split(","):
+    (tj, tt), (sj, st) = bench_variant(v, args.batch, args.score_batch, args.reps)
+    print(f"{v:14s} {tj:13.1f} {tt:9.1f} {tj / tt:6.2f}   {sj:13.1f} {st:9.1f} {sj / st:6.2f}",
+          flush=True)
+  t_jax, t_torch = bench_epoch(args.epoch_images, args.epoch_batch)
+  print(f"fcn_boss epoch with crop, {args.epoch_images} images, batch {args.epoch_batch}: "
+        f"hw8jax {t_jax:.1f} s, seed pipeline {t_torch:.1f} s, speed-up {t_torch / t_jax:.2f}x")
+
+
+if __name__ == "__main__":
+  main()
