@@ -124,6 +124,43 @@ def torch_noise(variant: str, batch: int) -> dict:
   return {}
 
 
+def bench_ops(batch: int, reps: int):
+  """Forward time of single layers, hw8jax (nnx layer under jit) vs PyTorch: where the gap is."""
+  from hw8jax.models import layers
+
+  rngs = nnx.Rngs(0)
+  cases = [
+      ("conv 3x3 64->64 on 16x16", layers.conv(64, 64, 3, 1, 1, rngs=rngs),
+       torch.nn.Conv2d(64, 64, 3, 1, 1), (batch, 16, 16, 64)),
+      ("conv 7x7 s2 3->64 on 64x64", layers.conv(3, 64, 7, 2, 3, rngs=rngs),
+       torch.nn.Conv2d(3, 64, 7, 2, 3), (batch, 64, 64, 3)),
+      ("conv-T k4 s2 48->24 on 8x8", layers.conv_transpose(48, 24, rngs=rngs),
+       torch.nn.ConvTranspose2d(48, 24, 4, 2, 1), (batch, 8, 8, 48)),
+      ("conv-T k4 s2 64->32 on 16x16", layers.conv_transpose(64, 32, rngs=rngs),
+       torch.nn.ConvTranspose2d(64, 32, 4, 2, 1), (batch, 16, 16, 64)),
+      ("linear 12288->4096", layers.Linear(12288, 4096, rngs=rngs),
+       torch.nn.Linear(12288, 4096), (batch, 12288)),
+  ]
+  rows = []
+  for name, jlayer, tlayer, shape in cases:
+    x = jnp.asarray(np.random.default_rng(0).normal(size=shape).astype(np.float32))
+    xt = torch.from_numpy(np.ascontiguousarray(
+        np.asarray(x).transpose(0, 3, 1, 2) if len(shape) == 4 else np.asarray(x)))
+    graphdef, state = nnx.split(jlayer)
+    fwd = jax.jit(lambda s, a, g=graphdef: nnx.merge(g, s)(a))
+
+    def run_jax(fwd=fwd, state=state, x=x):
+      jax.block_until_ready(fwd(state, x))
+
+    def run_torch(tlayer=tlayer, xt=xt):
+      with torch.no_grad():
+        tlayer(xt)
+
+    t_jax, t_torch = alternate([run_jax, run_torch], reps)
+    rows.append((name, t_jax, t_torch))
+  return rows
+
+
 class SeedDataset(torch.utils.data.Dataset):
   """The seed's data path: a uint8 array, one image at a time through the crop transform."""
 
@@ -189,6 +226,7 @@ def main():
   p.add_argument("--epoch_images", type=int, default=4096)
   p.add_argument("--epoch_batch", type=int, default=256)
   p.add_argument("--variants", default=",".join(models.VARIANTS))
+  p.add_argument("--skip_variants", action="store_true", help="only layers and the epoch")
   args = p.parse_args()
   if args.quick:
     args.batch, args.score_batch, args.reps = 32, 128, 3
@@ -199,10 +237,14 @@ def main():
         "images/s")
   print(f"{'variant':14s} {'train hw8jax':>13s} {'torch':>9s} {'ratio':>6s}   "
         f"{'score hw8jax':>13s} {'torch':>9s} {'ratio':>6s}")
-  for v in args.variants.split(","):
+  for v in [] if args.skip_variants else args.variants.split(","):
     (tj, tt), (sj, st) = bench_variant(v, args.batch, args.score_batch, args.reps)
     print(f"{v:14s} {tj:13.1f} {tt:9.1f} {tj / tt:6.2f}   {sj:13.1f} {st:9.1f} {sj / st:6.2f}",
           flush=True)
+  print(f"single layers, forward, batch {args.batch}, median of {args.reps}, ms:")
+  for name, t_jax, t_torch in bench_ops(args.batch, args.reps):
+    print(f"  {name:30s} hw8jax {t_jax * 1e3:8.2f}  torch {t_torch * 1e3:8.2f}  "
+          f"ratio (torch time / hw8jax time) {t_torch / t_jax:5.2f}", flush=True)
   t_jax, t_torch = bench_epoch(args.epoch_images, args.epoch_batch)
   print(f"fcn_boss epoch with crop, {args.epoch_images} images, batch {args.epoch_batch}: "
         f"hw8jax {t_jax:.1f} s, seed pipeline {t_torch:.1f} s, speed-up {t_torch / t_jax:.2f}x")
