@@ -199,10 +199,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_images, test_im
                                     compute_dtype),
                     in_shardings=(replicated, batch_sharding),
                     out_shardings=(replicated, replicated), donate_argnums=0)
-  labels_given = test_labels is not None
+  # Validation AUC at each epoch end when labels are configured (and best-by-AUC).
   scorer = make_scorer(eval_def, metric=config.score.metric, topk=config.score.topk,
                        sample=config.score.sample, transform=transform,
-                       compute_dtype=compute_dtype) if labels_given else None
+                       compute_dtype=compute_dtype) if test_labels is not None else None
 
   shard = data.Shard(jax.process_index(), jax.process_count())
   dataset = data.train_dataset(train_images, batch_size=config.batch_size, seed=config.seed,
@@ -215,10 +215,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_images, test_im
     if mngrs["latest"].latest_step() is not None:
       state = checkpoint.restore(mngrs["latest"], checkpoint.abstract(state, replicated),
                                  iterator)
-      start = int(state["step"])
       if jax.process_index() == 0:
-        _truncate_metrics(metrics_path, start)
-      _log(f"resumed from step {start} of {num_steps} ({workdir})")
+        _truncate_metrics(metrics_path, int(state["step"]))
+      _log(f"resumed from step {int(state['step'])} of {num_steps} ({workdir})")
     start = int(state["step"])
     if start >= num_steps:
       _log(f"training already finished ({num_steps} steps); not retraining")
