@@ -43,6 +43,17 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, iterator=None, step: in
   return mngr.restore(step, args=ocp.args.Composite(**items))["state"]
 
 
+def restore_model(mngr: ocp.CheckpointManager, abstract_model: dict, step: int | None = None):
+  """Only {"params", "batch_stats"} of a saved train state, laid out as `abstract_model` says:
+  scoring needs neither the optimiser state nor the config that shaped it."""
+  step = mngr.latest_step() if step is None else step
+  item = ocp.args.PyTreeRestore(
+      item=abstract_model,
+      restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_model),
+      partial_restore=True)
+  return mngr.restore(step, args=ocp.args.Composite(state=item))["state"]
+
+
 def abstract(state, sharding=None):
   """ShapeDtypeStructs of `state`, placed with `sharding` (default: each leaf's own)."""
   def leaf(x):

@@ -19,7 +19,7 @@ def base_config(model: str) -> ml_collections.ConfigDict:
                               # length); 0 trains num_epochs full epochs
 
   c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.name = "adam"   # sample code: torch.optim.Adam; "adamw" also available
+  c.optimizer.name = "adam"   # sample code: torch.optim.Adam; also "adamw", "sgd"
   c.optimizer.learning_rate = 1e-3
   c.optimizer.weight_decay = 0.0  # torch Adam's default; used by adamw only
 

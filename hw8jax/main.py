@@ -84,8 +84,6 @@ def restore_model_state(config, workdir: str, which: str, mesh):
   abstract_model = nnx.eval_shape(lambda: models.build(config.model, rngs=nnx.Rngs(0)))
   abstract_model.eval()
   eval_def, params, stats = nnx.split(abstract_model, nnx.Param, nnx.BatchStat)
-  tx = train.make_optimizer(config, train.make_schedule(config, 1))
-  shapes = jax.eval_shape(lambda p, s: train.init_state(p, s, tx), params, stats)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   mngrs = checkpoint.managers(workdir, config.checkpoint.keep)
   try:
@@ -93,7 +91,8 @@ def restore_model_state(config, workdir: str, which: str, mesh):
     step = mngr.latest_step()
     if step is None:
       raise UserError(f"{workdir}: no {which} checkpoint; train first (--mode=train)")
-    state = checkpoint.restore(mngr, checkpoint.abstract(shapes, replicated))
+    state = checkpoint.restore_model(
+        mngr, checkpoint.abstract({"params": params, "batch_stats": stats}, replicated))
   finally:
     for m in mngrs.values():
       m.close()

@@ -59,14 +59,17 @@ def make_schedule(config: ml_collections.ConfigDict, total_steps: int):
 
 
 def make_optimizer(config: ml_collections.ConfigDict, schedule) -> optax.GradientTransformation:
-  """Adam / AdamW with PyTorch's defaults (betas 0.9, 0.999; eps 1e-8 added to sqrt(v))."""
+  """Adam / AdamW with PyTorch's defaults (betas 0.9, 0.999; eps 1e-8 added to sqrt(v)), or
+  plain SGD."""
   name = config.optimizer.name
   if name == "adam":
     return optax.adam(schedule, b1=0.9, b2=0.999, eps=1e-8)
   if name == "adamw":
     return optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8,
                        weight_decay=config.optimizer.weight_decay)
-  raise UserError(f"optimizer.name {name!r}: use 'adam' or 'adamw'")
+  if name == "sgd":  # torch.optim.SGD without momentum
+    return optax.sgd(schedule)
+  raise UserError(f"optimizer.name {name!r}: use 'adam', 'adamw' or 'sgd'")
 
 
 def total_steps(config, num_images: int) -> int:

@@ -1,13 +1,15 @@
 """Data parallelism: 8 simulated CPU devices and 2 local processes against 1 device.
 
 Runs start in subprocesses because the device count and jax.distributed must be set before jax
-initialises. The same short fcn_boss run (constant rate 1e-3, so every step updates) must give:
-- the losses of the first three steps within 1e-5 relative: the sharded forward pass with
-  cross-device BatchNorm statistics, and two gradient all-reduces and Adam updates, agree;
-- all six losses within 1e-3 relative, and every parameter within 2 * steps * lr absolute.
-Cross-device sums add in another order; Adam turns the rounding differences of gradients that
-are near zero (e.g. a bias before BatchNorm, whose exact gradient is 0) into updates of up to
-about lr with either sign, so parameters drift apart by up to about lr per step, not by 1e-7.
+initialises. The same short fcn_boss run must give the same losses (1e-5 relative) at every step
+and the same parameters (1e-6 absolute) after 6 steps: the sharded forward pass with
+cross-device BatchNorm statistics, the gradient all-reduce and the updates agree.
+
+The runs use SGD. With Adam they agree to about 1e-6 for a step or two and then drift (seen: 1e-4
+in the third loss, parameters up to about lr per step): cross-device sums add in another order,
+and Adam divides each gradient by its own magnitude, so rounding-level differences of gradients
+that are near zero (a bias before BatchNorm, whose exact gradient is 0) become full-size updates
+of either sign. That is Adam amplifying rounding, not a data-parallel difference.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ def runs(tmp_path_factory):
   labels = make_synthetic(root / "data", num_train=64, num_test=13, seed=2)
   common = [f"--config={REPO}/configs/fcn_boss.py:quick", "--mode=train",
             f"--config.data.dir={root / 'data'}", f"--config.max_steps={STEPS}",
-            "--config.log_every_seconds=0", "--config.seed=3", "--config.schedule.name=constant"]
+            "--config.log_every_seconds=0", "--config.seed=3", "--config.schedule.name=constant",
+            "--config.optimizer.name=sgd", "--config.optimizer.learning_rate=0.01"]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   launch = [sys.executable, os.path.join(REPO, "launch.py")]
   procs = {
@@ -86,18 +89,16 @@ def test_data_parallel_run_matches_one_device(runs, name):
   root, _ = runs
   one, other = _losses(root / "one"), _losses(root / name)
   assert len(one) == len(other) == STEPS
-  np.testing.assert_allclose(other[:3], one[:3], rtol=1e-5)
-  np.testing.assert_allclose(other, one, rtol=1e-3)
+  np.testing.assert_allclose(other, one, rtol=1e-5)
   a, b = _params(root / "one"), _params(root / name)
   assert len(a) == len(b) == 44  # 10 Linear, 8 BatchNorm (2 each), 8 PReLU
   for x, y in zip(a, b, strict=True):
-    np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=0, atol=2 * STEPS * 1e-3)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=0, atol=1e-6)
 
 
 def test_checkpoint_from_8_devices_scores_on_1(runs):
   """The 8-device checkpoint scored on 8 devices (subprocess) and on this process's 1 device
-  gives the same scores; and they are close to the 1-device run's (whose parameters drifted
-  by up to about lr per step, see the module docstring)."""
+  gives the same scores, and they match the 1-device run's."""
   from hw8jax import config as config_lib
   from hw8jax.main import run
 
@@ -123,5 +124,5 @@ def test_checkpoint_from_8_devices_scores_on_1(runs):
   assert len(on_one) == 13
   np.testing.assert_allclose(on_one, on_eight, rtol=1e-5)
   one_device_run = report.read_submission(str(root / "one" / "submission.csv"))
-  np.testing.assert_allclose(on_one, one_device_run, rtol=1e-2)
-  assert record["eight"]["auc"] == pytest.approx(record["one"]["auc"], abs=0.05)
+  np.testing.assert_allclose(on_one, one_device_run, rtol=1e-4)
+  assert record["eight"]["auc"] == pytest.approx(record["one"]["auc"], abs=1e-6)
