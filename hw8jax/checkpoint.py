@@ -2,8 +2,10 @@
 (one, by epoch loss or validation AUC) in separate managers, so keeping the best never deletes a
 latest one and vice versa.
 
-Layout: WORKDIR/checkpoints/{latest,best}/<step>/{state,data}. `state` is the train state pytree
-(params, batch_stats, opt_state, step, ...); `data` is the grain iterator's state (latest only).
+Layout: WORKDIR/checkpoints/{latest,best}/<step>/{state,data}. In `latest`, `state` is the whole
+train state pytree (params, batch_stats, opt_state, step, ...) and `data` the grain iterator's
+state. `best` is only ever scored, so its `state` holds just params, batch_stats and step: a third
+of the size with Adam (fcn_boss: 0.43 GB instead of 1.3 GB).
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ def managers(workdir: str, keep: int) -> dict[str, ocp.CheckpointManager]:
       "best": ocp.CheckpointManager(
           os.path.join(root, "best"), options=ocp.CheckpointManagerOptions(max_to_keep=1)),
   }
+
+
+def model_part(state: dict) -> dict:
+  """The part of a train state that scoring restores."""
+  return {k: state[k] for k in ("params", "batch_stats", "step")}
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, iterator=None) -> None:

@@ -279,7 +279,7 @@ def _end_epoch(state, done, spe, scorer, test_images, test_labels, config, score
   state = dict(state, epoch_loss_sum=jax.device_put(np.float32(0), sharding))
   if quality > float(state["best"]):
     state = dict(state, best=jax.device_put(np.float32(quality), sharding))
-    checkpoint.save(mngrs["best"], done, state)
+    checkpoint.save(mngrs["best"], done, checkpoint.model_part(state))
     record["best"] = True
   _log(f"epoch {done // spe} done: mean loss {mean_loss:.6g}"
        + (f", validation AUC {record['val_auc']:.4f}" if "val_auc" in record else "")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -64,7 +65,8 @@ def runs(tmp_path_factory):
   for i, p in enumerate(two):
     out = p.communicate(timeout=900)[0]
     assert p.returncode == 0, f"process {i}:\n{out}"
-  return root, labels
+  yield root, labels
+  shutil.rmtree(root)  # three fcn_boss workdirs: free the disk before the next module
 
 
 def _losses(workdir):
