@@ -69,6 +69,7 @@ def apply_arg(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.C
     c.batch_size = 16
     c.max_steps = 20
     c.checkpoint.every_steps = 10
+    c.checkpoint.keep = 1        # a smoke run: one fcn_boss checkpoint is 1.3 GB
     c.score.batch_size = 64
     c.log_every_seconds = 2.0
   elif arg == "demo":
@@ -77,6 +78,7 @@ def apply_arg(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.C
     c.batch_size = 14            # 70 training faces: 5 steps an epoch
     c.num_epochs = 60
     c.checkpoint.every_steps = 100
+    c.checkpoint.keep = 1        # a smoke run: one fcn_boss checkpoint is 1.3 GB
     c.score.batch_size = 60
   else:
     raise ValueError(f"unknown config arg {arg!r}: use 'quick' or 'demo'")

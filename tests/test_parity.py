@@ -72,7 +72,7 @@ def torch_noise_kwargs(torch, variant, aux_shape_source, key):
     return {}
   draw = nnx.Rngs(noise=key).noise()
   if variant == "resnet_boss":
-    return {"noise": torch.from_numpy(np.asarray(jax.random.normal(draw, aux_shape_source)))}
+    return {"noise": torch.from_numpy(np.array(jax.random.normal(draw, aux_shape_source)))}
   return {"eps": nchw(torch, jax.random.normal(draw, aux_shape_source))}
 
 
