@@ -41,6 +41,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import torch_reference  # noqa: E402
 
 
+def abstract_model(variant: str) -> nnx.Module:
+  """A model with no values yet, for `load_state_dict` to fill."""
+  return nnx.eval_shape(lambda: models.build(variant, rngs=nnx.Rngs(0)))
+
+
 def machine() -> str:
   return (f"{platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__} on "
           f"{jax.devices()[0].device_kind}; torch {torch.__version__} with "
@@ -66,7 +71,7 @@ def nchw(x) -> torch.Tensor:
 def bench_variant(variant: str, batch: int, score_batch: int, reps: int):
   torch.manual_seed(0)
   ref = torch_reference.BUILDERS[variant]().train()
-  model = load_state_dict(models.build(variant, rngs=nnx.Rngs(0)), ref.state_dict())
+  model = load_state_dict(abstract_model(variant), ref.state_dict())
   model.train()
   graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   cfg = config_lib.base_config(variant)
@@ -184,7 +189,7 @@ def bench_epoch(num_images: int, batch: int):
   steps = num_images // batch
   torch.manual_seed(0)
   ref = torch_reference.BUILDERS["fcn_boss"]().train()
-  model = load_state_dict(models.build("fcn_boss", rngs=nnx.Rngs(0)), ref.state_dict())
+  model = load_state_dict(abstract_model("fcn_boss"), ref.state_dict())
   model.train()
   graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   cfg = config_lib.base_config("fcn_boss")

@@ -7,13 +7,18 @@ and PReLU slopes) and fresh random images every run; weights carried over by
 - train-mode (batch statistics) reconstruction: 1e-4 absolute, because batch normalisation over a
   small batch divides float32 rounding differences by small batch deviations;
 - BatchNorm running statistics after one train-mode forward: 1e-5 absolute + 1e-4 relative;
-- loss: 1e-4 relative; gradient of every parameter: 1e-4 relative in L2 norm,
+- loss: 1e-4 relative;
+- gradients in float32: all parameters' gradients as one vector, 1e-4 relative in L2 norm,
   ||g_jax - g_torch|| <= 1e-4 * ||g_torch|| (elementwise ratios are meaningless near zero);
-  multi_encoder and resnet_boss: float64 runs at 1e-8, float32 only bounded (see GRAD_RTOL).
+  multi_encoder and resnet_boss only bounded (see GRAD_RTOL);
+- every variant again in float64: outputs, loss and statistics to 1e-8, and each parameter's
+  gradient to 1e-8 relative in L2 norm.
 Stochastic parts (VAE z, resnet latent noise) get the same noise on both sides.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -61,7 +66,8 @@ def paired(variant, seed):
   torch.manual_seed(seed)
   ref = torch_reference.BUILDERS[variant]()
   randomize_buffers(torch, ref, seed)
-  model = models.build(variant, rngs=nnx.Rngs(seed))
+  # Abstract: every value comes from the import, so drawing initial weights would be wasted.
+  model = nnx.eval_shape(lambda: models.build(variant, rngs=nnx.Rngs(seed)))
   load_state_dict(model, ref.state_dict())
   return torch, ref, model
 
@@ -109,24 +115,27 @@ def torch_zero(p):
   return p.detach() * 0
 
 
-# float32 gradient tolerances. Two variants have gradients that are sums of large terms of
-# opposite sign: multi_encoder (a summed squared error over 98,304 terms through BatchNorm's
-# backward sums; seen up to 3e-3 apart) and resnet_boss (the classifier's first conv sees two
-# nearly equal images with opposite labels; seen up to 2e-2 apart). There float32 rounding
-# alone moves the result; their float64 runs below agree to about 1e-13, which shows the
-# computation is the same, so float32 keeps only a sanity bound for them.
+# Gradients in float32 are compared as one vector (every parameter's gradient, concatenated), to
+# 1e-4 relative in L2 (measured: at most 7e-6). Single tensors are not compared in float32:
+# where a gradient is a sum that cancels, rounding alone moves it by more than 1e-4 of its own
+# norm (PReLU slopes of fcn_boss, summed over every negative input: seen 8e-4; a bias right
+# before train-mode BatchNorm, whose true gradient is zero: seen 1.5e-2 in fcn_strong). The float64
+# test compares every tensor instead, to 1e-8. multi_encoder (a summed squared error over
+# 98,304 terms through BatchNorm's backward sums) and resnet_boss (its classifier's first conv
+# sees two nearly equal images with opposite labels) cancel so much that even the whole vector
+# moves (seen 9e-4 and 1.8e-2): float32 keeps only a sanity bound for them.
 GRAD_RTOL = {"multi_encoder": 5e-2, "resnet_boss": 5e-2}
 
 
 @pytest.mark.parametrize("variant", models.VARIANTS)
 def test_train_step_matches_torch(variant, seed):
-  """Train-mode forward, BatchNorm statistics, loss and every parameter's gradient (float32)."""
+  """Train-mode forward, BatchNorm statistics, loss and the gradient (float32)."""
   check_train_step(variant, seed, np.float32, grad_rtol=GRAD_RTOL.get(variant, 1e-4))
 
 
-@pytest.mark.parametrize("variant", sorted(GRAD_RTOL))
+@pytest.mark.parametrize("variant", models.VARIANTS)
 def test_train_step_matches_torch_float64(variant, seed):
-  """The same comparison in float64 on both sides, to 1e-8."""
+  """The same comparison in float64 on both sides, every parameter's gradient to 1e-8."""
   with jax.enable_x64(True):
     check_train_step(variant, seed, np.float64, grad_rtol=1e-8, atol=1e-8)
 
@@ -153,31 +162,38 @@ def check_train_step(variant, seed, dtype, grad_rtol, atol=None):
     loss, _ = loss_fn(variant)(jnp.asarray(x), recon, aux)
     return loss, recon
 
-  (loss_j, recon_j), grads = nnx.value_and_grad(loss_of, has_aux=True)(model)
+  # Jitted as training is (and one compile is faster than compiling op by op).
+  (loss_j, recon_j), grads = nnx.jit(nnx.value_and_grad(loss_of, has_aux=True))(model)
 
   np.testing.assert_allclose(np.asarray(recon_j), nhwc(recon_t), atol=atol or 1e-4, rtol=0)
   np.testing.assert_allclose(float(loss_j), loss_t.item(), rtol=atol or 1e-4)
 
   buffers = dict(ref.named_buffers())
   expected_grads = grads_as_state(model, ref)
-  checked_stats = checked_grads = 0
+  checked_stats = 0
   for key_t, target, convert, _ in torch_targets(model):
     if key_t in buffers:
       np.testing.assert_allclose(np.asarray(target[...]), convert(buffers[key_t].numpy()),
                                  atol=atol or 1e-5, rtol=atol or 1e-4, err_msg=key_t)
       checked_stats += 1
-  # A bias right before train-mode BatchNorm has an exactly zero gradient; both sides then hold
-  # rounding noise, so tensors below 1e-6 of the largest gradient norm must both stay below it.
-  floor = 1e-6 * max(np.linalg.norm(g) for g in expected_grads.values())
-  for path, g in nnx.to_flat_state(grads):
-    got = np.asarray(g[...])
-    want = expected_grads[id(_variable_at(model, path))]
-    if np.linalg.norm(want) < floor:
-      assert np.linalg.norm(got) < floor, (path, np.linalg.norm(got), floor)
-    else:
-      err = np.linalg.norm(got - want)
-      assert err <= grad_rtol * np.linalg.norm(want), (path, err, np.linalg.norm(want))
-    checked_grads += 1
+  pairs = [(path, np.asarray(g[...], np.float64),
+            np.asarray(expected_grads[id(_variable_at(model, path))], np.float64))
+           for path, g in nnx.to_flat_state(grads)]
+  if dtype == np.float32:
+    err = math.sqrt(sum(np.sum(np.square(got - want)) for _, got, want in pairs))
+    norm = math.sqrt(sum(np.sum(np.square(want)) for _, _, want in pairs))
+    assert err <= grad_rtol * norm, (err, norm)
+  else:
+    # A bias right before train-mode BatchNorm has an exactly zero gradient; both sides then hold
+    # rounding noise, so tensors below 1e-6 of the largest gradient norm must both stay below it.
+    floor = 1e-6 * max(np.linalg.norm(want) for _, _, want in pairs)
+    for path, got, want in pairs:
+      if np.linalg.norm(want) < floor:
+        assert np.linalg.norm(got) < floor, (path, np.linalg.norm(got), floor)
+      else:
+        err = np.linalg.norm(got - want)
+        assert err <= grad_rtol * np.linalg.norm(want), (path, err, np.linalg.norm(want))
+  checked_grads = len(pairs)
   assert checked_grads == len(list(ref.parameters()))
   assert checked_stats == 2 * sum(1 for m in ref.modules()
                                   if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))

@@ -216,8 +216,8 @@ def _follow_pytorch(variant, schedule, dtype, rel, seed, steps=20, batch=16):
   images = synthetic_images(4 * batch, seed)
   torch.manual_seed(seed)
   ref = torch_reference.BUILDERS[variant]()
-  model = models.build(variant, rngs=nnx.Rngs(0))
-  load_state_dict(model, ref.state_dict())
+  model = load_state_dict(nnx.eval_shape(lambda: models.build(variant, rngs=nnx.Rngs(0))),
+                          ref.state_dict())
   model.train()
   graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   params, stats = jax.tree.map(lambda a: a.astype(dtype), (params, stats))
