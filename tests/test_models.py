@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from hw8jax import models
+from hw8jax.models import layers
 from hw8jax.torch_import import load_state_dict, torch_targets
 
 from conftest import images, require_torch
@@ -170,3 +171,31 @@ def test_import_of_a_missing_file_names_it(tmp_path):
   require_torch()
   with pytest.raises(FileNotFoundError, match="nope.pt: no such file"):
     load_state_dict(models.build("ta_cnn", rngs=nnx.Rngs(0)), tmp_path / "nope.pt")
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(4, 2, 1), (6, 2, 2), (3, 3, 0), (3, 1, 1),
+                                                   (5, 2, 1)])
+def test_subpixel_transposed_conv_matches_xla(kernel, stride, padding, seed):
+  """layers.ConvTranspose's sub-pixel form against XLA's transposed conv (the nnx.ConvTranspose
+  it subclasses): outputs and gradients within float32 rounding (1e-5 relative in L2). (5, 2, 1)
+  does not upsample exactly by its stride and must take XLA's path."""
+  layer = layers.conv_transpose(5, 7, kernel, stride, padding, rngs=nnx.Rngs(seed))
+  assert (layer._subpixel_plan() is None) == ((kernel, stride, padding) == (5, 2, 1))
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(size=(2, 6, 6, 5)), jnp.float32)
+  out_shape = jax.eval_shape(layer, x).shape
+  assert out_shape == (2, (6 - 1) * stride - 2 * padding + kernel, out_shape[1], 7)
+  cotangent = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
+
+  def run(call):
+    def objective(layer, x):
+      y = call(layer, x)
+      return jnp.sum(y * cotangent), y
+    (_, y), (g_layer, g_x) = nnx.value_and_grad(objective, argnums=(0, 1), has_aux=True)(layer, x)
+    return [y, g_x, g_layer.kernel[...], g_layer.bias[...]]
+
+  ours = run(lambda layer, x: layer(x))
+  xla = run(lambda layer, x: nnx.ConvTranspose.__call__(layer, x))
+  for a, b in zip(ours, xla, strict=True):
+    assert a.shape == b.shape
+    assert float(jnp.linalg.norm(a - b)) <= 1e-5 * float(jnp.linalg.norm(b))
