@@ -173,18 +173,19 @@ def test_import_of_a_missing_file_names_it(tmp_path):
     load_state_dict(models.build("ta_cnn", rngs=nnx.Rngs(0)), tmp_path / "nope.pt")
 
 
-@pytest.mark.parametrize("kernel,stride,padding", [(4, 2, 1), (6, 2, 2), (3, 3, 0), (3, 1, 1),
-                                                   (5, 2, 1)])
-def test_subpixel_transposed_conv_matches_xla(kernel, stride, padding, seed):
+@pytest.mark.parametrize("kernel,stride,padding,size", [(4, 2, 1, 6), (4, 2, 1, 2), (6, 2, 2, 6),
+                                                        (3, 3, 0, 6), (3, 1, 1, 6), (5, 2, 1, 6)])
+def test_subpixel_transposed_conv_matches_xla(kernel, stride, padding, size, seed):
   """layers.ConvTranspose's sub-pixel form against XLA's transposed conv (the nnx.ConvTranspose
-  it subclasses): outputs and gradients within float32 rounding (1e-5 relative in L2). (5, 2, 1)
-  does not upsample exactly by its stride and must take XLA's path."""
+  it subclasses): outputs and gradients within float32 rounding (1e-5 relative in L2). Inputs of
+  2x2 take the patches-and-matmul branch; (5, 2, 1) does not upsample exactly by its stride and
+  must take XLA's path."""
   layer = layers.conv_transpose(5, 7, kernel, stride, padding, rngs=nnx.Rngs(seed))
   assert (layer._subpixel_plan() is None) == ((kernel, stride, padding) == (5, 2, 1))
   rng = np.random.default_rng(seed)
-  x = jnp.asarray(rng.normal(size=(2, 6, 6, 5)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(2, size, size, 5)), jnp.float32)
   out_shape = jax.eval_shape(layer, x).shape
-  assert out_shape == (2, (6 - 1) * stride - 2 * padding + kernel, out_shape[1], 7)
+  assert out_shape == (2, (size - 1) * stride - 2 * padding + kernel, out_shape[1], 7)
   cotangent = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
 
   def run(call):
