@@ -150,7 +150,7 @@ def bench_ops(batch: int, reps: int):
   for name, jlayer, tlayer, shape in cases:
     x = jnp.asarray(np.random.default_rng(0).normal(size=shape).astype(np.float32))
     xt = torch.from_numpy(np.ascontiguousarray(
-        np.asarray(x).transpose(0, 3, 1, 2) if len(shape) == 4 else np.asarray(x)))
+        np.array(x).transpose(0, 3, 1, 2) if len(shape) == 4 else np.array(x)))
     graphdef, state = nnx.split(jlayer)
     fwd = jax.jit(lambda s, a, g=graphdef: nnx.merge(g, s)(a))
 
