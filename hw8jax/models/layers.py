@@ -117,7 +117,14 @@ class ConvTranspose(nnx.ConvTranspose):
           x, k, (1, 1), ((lo, hi), (lo, hi)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
           precision=self.precision)
     y = y.reshape(b, h, w, s, s, out_ch).transpose(0, 1, 3, 2, 4, 5)
-    return y.reshape(b, h * s, w * s, out_ch) + bias
+    shape = (b, h * s, w * s, out_ch)
+    sharding = jax.typeof(y).sharding
+    batch_axis = (sharding.spec or (None,))[0]
+    if batch_axis is not None:
+      # An explicitly sharded batch: JAX asks where the merged dims go; the batch's axis stays.
+      out = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(batch_axis))
+      return jax.lax.reshape(y, shape, out_sharding=out) + bias
+    return y.reshape(shape) + bias
 
   def _subpixel_plan(self):
     """(taps, pad_lo, pad_hi) of the sub-pixel form, or None where it does not apply."""
