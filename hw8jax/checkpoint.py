@@ -33,6 +33,11 @@ def model_part(state: dict) -> dict:
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, iterator=None) -> None:
+  """Save `state` (and the iterator) as `step`. A step already there was written by a run that
+  was killed after it (a best checkpoint newer than the latest one the run resumed from); the
+  resumed run recomputes it bit-identically, so it is replaced."""
+  if step in mngr.all_steps():
+    mngr.delete(step)
   items = {"state": ocp.args.StandardSave(state)}
   if iterator is not None:
     items["data"] = grain.checkpoint.CheckpointSave(iterator)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -118,6 +119,25 @@ def test_rerun_on_a_finished_workdir_does_not_retrain(synthetic_dir, tmp_path, c
   assert "training already finished (20 steps); not retraining" in capsys.readouterr().out
   assert os.path.getmtime(ckpt) == before
   assert open(os.path.join(workdir, "metrics.jsonl")).read() == metrics_before
+
+
+def test_resume_past_a_best_checkpoint_the_killed_run_wrote(synthetic_dir, tmp_path):
+  """A run killed after saving a best checkpoint but before the next latest one: the resumed
+  run reaches that step again, replaces the best checkpoint and ends as an uninterrupted run.
+  (The SIGKILL test hits this only when the kill lands in that window; this makes it certain.)"""
+  c = quick_config("ta_fcn", synthetic_dir)
+  c.checkpoint.keep = 2  # latest at 10 and 20
+  full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+  run(c, full, "train")
+  run(c, cut, "train")
+  shutil.rmtree(os.path.join(cut, "checkpoints", "latest", "20"))
+  best_steps = os.listdir(os.path.join(cut, "checkpoints", "best"))
+  assert [int(x) for x in best_steps if x.isdigit()][0] > 10  # loss falls: epoch 3, 4 or 5
+  run(c, cut, "train")
+  (step_a, a), (step_b, b) = _restore_params(full), _restore_params(cut)
+  assert step_a == step_b == 20
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_nan_loss_stops_with_a_clear_message(synthetic_dir, tmp_path):
