@@ -57,8 +57,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train_and_
   """Train and/or score as `mode` says; returns the eval record (or None without labels)."""
   if mode not in MODES:
     raise UserError(f"--mode={mode}: use one of {', '.join(MODES)}")
-  if config.model not in models.VARIANTS:
-    raise UserError(f"model {config.model!r}: choose one of {', '.join(models.VARIANTS)}")
+  if config.model not in models.REGISTRY:
+    raise UserError(f"model {config.model!r}: choose one of {', '.join(models.REGISTRY)}")
   _maybe_init_distributed(config)
   # Explicit, because the default on GPUs computes float32 matmuls in TF32 (PyTorch's default
   # does not); "highest" keeps float32 runs float32. It changes nothing on CPU.

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from flax import nnx
 
+from hw8jax import losses
 from hw8jax.models.cnn import ta_cnn, ta_vae
 from hw8jax.models.fcn import fcn_boss, fcn_medium, fcn_strong, ta_fcn
 from hw8jax.models.multi_encoder import multi_encoder
@@ -26,13 +27,29 @@ REGISTRY: dict[str, Callable[..., nnx.Module]] = {
     "multi_encoder": multi_encoder,
     "resnet_boss": resnet_boss,
 }
+# The originals, in the order the README lists them; `register` adds to REGISTRY, not to these.
 VARIANTS = tuple(REGISTRY)
 # Variants whose `__call__` draws noise when given rngs.
-STOCHASTIC = ("ta_vae", "multi_encoder", "resnet_boss")
+STOCHASTIC = {"ta_vae", "multi_encoder", "resnet_boss"}
+
+
+def register(name: str, builder: Callable[..., nnx.Module], *, loss: Callable,
+             stochastic: bool = False) -> None:
+  """Add a variant: `builder(rngs=...)` returns a model with the contract above and `loss(x,
+  recon, aux) -> (loss, terms)` is its training loss (`hw8jax.losses`). After this, configs may
+  name it in `model` (in this process: a launch in another process must register it too)."""
+  if name in VARIANTS:
+    raise ValueError(f"model {name!r} is an original variant; choose another name")
+  REGISTRY[name] = builder
+  losses.LOSSES[name] = loss
+  if stochastic:
+    STOCHASTIC.add(name)
+  else:
+    STOCHASTIC.discard(name)
 
 
 def build(name: str, *, rngs: nnx.Rngs) -> nnx.Module:
   """A freshly initialised model of variant `name` (in training mode, as PyTorch builds it)."""
   if name not in REGISTRY:
-    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(VARIANTS)}")
+    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(REGISTRY)}")
   return REGISTRY[name](rngs=rngs)
