@@ -59,17 +59,27 @@ def randomize_buffers(torch, ref, seed):
         m.weight.copy_(0.1 + 0.3 * torch.rand(1, generator=g))
 
 
-def paired(variant, seed):
+def original(variant, seed):
+  """(torch, the PyTorch original with fresh weights and moved BatchNorm / PReLU values)."""
   torch = require_torch()
   import torch_reference
 
   torch.manual_seed(seed)
   ref = torch_reference.BUILDERS[variant]()
   randomize_buffers(torch, ref, seed)
+  return torch, ref
+
+
+def imported(variant, state_dict):
+  """The hw8jax model holding a PyTorch state_dict's weights (float32)."""
   # Abstract: every value comes from the import, so drawing initial weights would be wasted.
-  model = nnx.eval_shape(lambda: models.build(variant, rngs=nnx.Rngs(seed)))
-  load_state_dict(model, ref.state_dict())
-  return torch, ref, model
+  model = nnx.eval_shape(lambda: models.build(variant, rngs=nnx.Rngs(0)))
+  return load_state_dict(model, state_dict)
+
+
+def paired(variant, seed):
+  torch, ref = original(variant, seed)
+  return torch, ref, imported(variant, ref.state_dict())
 
 
 def torch_noise_kwargs(torch, variant, aux_shape_source, key):
@@ -94,25 +104,14 @@ def test_eval_reconstruction_matches_torch(variant, seed):
   x = images(np.random.default_rng(seed), BATCH)
   with torch.no_grad():
     recon_t, aux_t = ref(nchw(torch, x))
-  recon_j, aux_j = model(jnp.asarray(x))
+  # Jitted, as scoring runs it (op by op, multi_encoder compiled for 8 s).
+  (recon_j, aux_j), det = nnx.jit(lambda m, x: (m(x), m.decode(m.encode(x))))(model,
+                                                                             jnp.asarray(x))
   np.testing.assert_allclose(np.asarray(recon_j), nhwc(recon_t), atol=1e-5, rtol=0)
   for key in aux_t:
     np.testing.assert_allclose(np.asarray(aux_j[key]), nhwc(aux_t[key]), atol=1e-5, rtol=1e-5,
                                err_msg=key)
-  np.testing.assert_allclose(np.asarray(model.decode(model.encode(jnp.asarray(x)))),
-                             nhwc(recon_t), atol=1e-5, rtol=0)
-
-
-def grads_as_state(model, ref):
-  """PyTorch's gradients converted to hw8jax layout, keyed like `nnx.state(model, nnx.Param)`."""
-  sd = {k: v.grad if v.grad is not None else torch_zero(v) for k, v in ref.named_parameters()}
-  by_id = {id(target): convert(sd[key].numpy())
-           for key, target, convert, _ in torch_targets(model) if key in sd}
-  return by_id
-
-
-def torch_zero(p):
-  return p.detach() * 0
+  np.testing.assert_allclose(np.asarray(det), nhwc(recon_t), atol=1e-5, rtol=0)
 
 
 # Gradients in float32 are compared as one vector (every parameter's gradient, concatenated), to
@@ -141,66 +140,85 @@ def test_train_step_matches_torch_float64(variant, seed):
 
 
 def check_train_step(variant, seed, dtype, grad_rtol, atol=None):
-  torch, ref, model = paired(variant, seed)
+  """One train-mode step on both sides. PyTorch runs first; of it only the gradients,
+  statistics and outputs are kept once hw8jax has imported its (float32) weights. hw8jax's
+  weights are donated to its gradient computation and tensors are compared one at a time.
+  (fcn_boss in float64 would otherwise hold two models and two gradients at once, plus float64
+  copies of each: 5.7 GB.)"""
+  torch, ref = original(variant, seed)
+  import torch_reference
+
   if dtype == np.float64:
     ref.double()
-    nnx.update(model, jax.tree.map(lambda a: a.astype(jnp.float64), nnx.state(model)))
   ref.train()
-  model.train()
   x = images(np.random.default_rng(seed), BATCH).astype(dtype)
   key = jax.random.key(seed)
   xt = nchw(torch, x)
   noise = torch_noise_kwargs(torch, variant, noise_shape(variant), key)
+  buffers_before = {k: b.clone() for k, b in ref.named_buffers()}
   recon_t, aux_t = ref(xt, **noise)
-  import torch_reference
-
   loss_t = torch_reference.loss(variant, xt, recon_t, aux_t)
   loss_t.backward()
+  recon_t, loss_t = nhwc(recon_t), loss_t.item()
+  torch_grads = {k: p.grad if p.grad is not None else torch.zeros_like(p)
+                 for k, p in ref.named_parameters()}
+  num_bn = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in ref.modules())
+  buffers = {k: b.numpy() for k, b in ref.named_buffers()}
+  # Float64 weights that were float32 (ref.double()): the float32 import is exact.
+  model = imported(variant, {**ref.state_dict(), **buffers_before})
+  del ref, aux_t  # PyTorch's weights: only their gradients are compared from here
 
-  def loss_of(m):
+  model.train()
+  # The model itself holds the cast values, so no float32 copy outlives this line.
+  nnx.update(model, jax.tree.map(lambda a: a.astype(dtype), nnx.state(model)))
+  graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  targets = {id(t): (k, convert) for k, t, convert, _ in torch_targets(model)}
+  paths = {path: targets[id(v)] for path, v in nnx.to_flat_state(nnx.state(model))}
+
+  def loss_of(params, stats):
+    m = nnx.merge(graphdef, params, stats)
     recon, aux = m(jnp.asarray(x), rngs=nnx.Rngs(noise=key))
     loss, _ = loss_fn(variant)(jnp.asarray(x), recon, aux)
-    return loss, recon
+    return loss, (recon, nnx.state(m, nnx.BatchStat))
 
-  # Jitted as training is (and one compile is faster than compiling op by op).
-  (loss_j, recon_j), grads = nnx.jit(nnx.value_and_grad(loss_of, has_aux=True))(model)
+  # Jitted as training is; the weights are donated so their buffers can hold the gradients.
+  # The statistics are differentiated too (their gradient unused), as in train.make_train_step:
+  # NNX updates them only at the trace level of the params.
+  (loss_j, (recon_j, new_stats)), (grads, _) = jax.jit(
+      jax.value_and_grad(loss_of, argnums=(0, 1), has_aux=True), donate_argnums=0)(params, stats)
+  del params
 
-  np.testing.assert_allclose(np.asarray(recon_j), nhwc(recon_t), atol=atol or 1e-4, rtol=0)
-  np.testing.assert_allclose(float(loss_j), loss_t.item(), rtol=atol or 1e-4)
-
-  buffers = dict(ref.named_buffers())
-  expected_grads = grads_as_state(model, ref)
+  np.testing.assert_allclose(np.asarray(recon_j), recon_t, atol=atol or 1e-4, rtol=0)
+  np.testing.assert_allclose(float(loss_j), loss_t, rtol=atol or 1e-4)
   checked_stats = 0
-  for key_t, target, convert, _ in torch_targets(model):
-    if key_t in buffers:
-      np.testing.assert_allclose(np.asarray(target[...]), convert(buffers[key_t].numpy()),
-                                 atol=atol or 1e-5, rtol=atol or 1e-4, err_msg=key_t)
-      checked_stats += 1
-  pairs = [(path, np.asarray(g[...], np.float64),
-            np.asarray(expected_grads[id(_variable_at(model, path))], np.float64))
-           for path, g in nnx.to_flat_state(grads)]
+  for path, value in nnx.to_flat_state(new_stats):
+    key_t, convert = paths[path]
+    np.testing.assert_allclose(np.asarray(value[...]), convert(buffers[key_t]),
+                               atol=atol or 1e-5, rtol=atol or 1e-4, err_msg=key_t)
+    checked_stats += 1
+
+  def expected(path):
+    key_t, convert = paths[path]
+    return np.asarray(convert(torch_grads[key_t].numpy()), np.float64)
+
+  grads = nnx.to_flat_state(grads)
   if dtype == np.float32:
-    err = math.sqrt(sum(np.sum(np.square(got - want)) for _, got, want in pairs))
-    norm = math.sqrt(sum(np.sum(np.square(want)) for _, _, want in pairs))
-    assert err <= grad_rtol * norm, (err, norm)
+    err2 = norm2 = 0.0
+    for path, g in grads:
+      want = expected(path)
+      err2 += float(np.sum(np.square(np.asarray(g[...], np.float64) - want)))
+      norm2 += float(np.sum(np.square(want)))
+    assert math.sqrt(err2) <= grad_rtol * math.sqrt(norm2), (math.sqrt(err2), math.sqrt(norm2))
   else:
     # A bias right before train-mode BatchNorm has an exactly zero gradient; both sides then hold
     # rounding noise, so tensors below 1e-6 of the largest gradient norm must both stay below it.
-    floor = 1e-6 * max(np.linalg.norm(want) for _, _, want in pairs)
-    for path, got, want in pairs:
+    floor = 1e-6 * max(float(np.linalg.norm(t.numpy())) for t in torch_grads.values())
+    for path, g in grads:
+      got, want = np.asarray(g[...]), expected(path)
       if np.linalg.norm(want) < floor:
         assert np.linalg.norm(got) < floor, (path, np.linalg.norm(got), floor)
       else:
         err = np.linalg.norm(got - want)
         assert err <= grad_rtol * np.linalg.norm(want), (path, err, np.linalg.norm(want))
-  checked_grads = len(pairs)
-  assert checked_grads == len(list(ref.parameters()))
-  assert checked_stats == 2 * sum(1 for m in ref.modules()
-                                  if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
-
-
-def _variable_at(model, path):
-  node = model
-  for p in path:
-    node = node[p] if isinstance(p, int) else getattr(node, p)
-  return node
+  assert len(grads) == len(torch_grads)
+  assert checked_stats == 2 * num_bn
