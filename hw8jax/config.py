@@ -13,6 +13,8 @@ def base_config(model: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.model = model
   c.seed = 0                  # drives init, shuffling, noise; one seed for everything
+  c.init_from = ""            # a PyTorch original's torch.save file (whole model or
+                              # state_dict): its weights instead of a fresh initialisation
   c.num_epochs = 50           # sample code
   c.batch_size = 2000         # sample code
   c.max_steps = 0             # > 0 stops training after this many steps (and sets the schedule

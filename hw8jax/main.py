@@ -99,13 +99,35 @@ def restore_model_state(config, workdir: str, which: str, mesh):
   return eval_def, (state["params"], state["batch_stats"]), step
 
 
+def mode_scores_only(config, workdir: str) -> bool:
+  """With init_from, scoring uses the PyTorch weights unless this workdir has trained from
+  them (then its checkpoint holds the fine-tuned weights)."""
+  latest = os.path.join(os.path.abspath(workdir), "checkpoints", config.checkpoint.restore)
+  return not (os.path.isdir(latest) and any(d.isdigit() for d in os.listdir(latest)))
+
+
+def torch_model_state(config, mesh):
+  """(eval graphdef, (params, batch_stats)) of the PyTorch file `config.init_from`,
+  replicated over `mesh`."""
+  model = train.load_torch_weights(config.model, config.init_from)
+  model.eval()
+  eval_def, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return eval_def, jax.device_put((params, stats), replicated)
+
+
 def score_run(config, workdir: str, train_images, test_images, labels):
   """Score every test image; write submission.csv, scores.npy, eval.json and figures."""
   if config.checkpoint.restore not in ("latest", "best"):
     raise UserError(f"checkpoint.restore {config.checkpoint.restore!r}: use latest or best")
   mesh = train.make_mesh()
-  eval_def, model_state, step = restore_model_state(config, workdir,
-                                                    config.checkpoint.restore, mesh)
+  if config.init_from and mode_scores_only(config, workdir):
+    eval_def, model_state = torch_model_state(config, mesh)
+    step, source = 0, f"the PyTorch weights in {config.init_from}"
+  else:
+    eval_def, model_state, step = restore_model_state(config, workdir,
+                                                      config.checkpoint.restore, mesh)
+    source = f"the {config.checkpoint.restore} checkpoint (step {step})"
   transform = data.get_transform(config.data.transform)
   scorer = make_scorer(eval_def, metric=config.score.metric, topk=config.score.topk,
                        sample=config.score.sample, transform=transform,
@@ -119,8 +141,7 @@ def score_run(config, workdir: str, train_images, test_images, labels):
   csv_path = os.path.join(workdir, "submission.csv")
   report.write_submission(csv_path, scores)
   np.save(os.path.join(workdir, "scores.npy"), scores)
-  print(f"wrote {csv_path} ({len(scores)} rows) from the {config.checkpoint.restore} "
-        f"checkpoint (step {step})", flush=True)
+  print(f"wrote {csv_path} ({len(scores)} rows) from {source}", flush=True)
   record = None
   # Figures are small eager computations: on this process's first device, from a local copy of
   # the replicated parameters (whatever mesh they were restored onto).
@@ -146,7 +167,8 @@ def score_run(config, workdir: str, train_images, test_images, labels):
   report.plot_latent_edits(os.path.join(workdir, "latent_edits.png"), panels)
   if labels is not None:
     record = {**report.evaluate(labels, scores), "checkpoint": config.checkpoint.restore,
-              "step": int(step), "model": config.model, "metric": config.score.metric}
+              "step": int(step), "model": config.model, "metric": config.score.metric,
+              "weights": source}
     report.write_json(os.path.join(workdir, "eval.json"), record)
     report.plot_roc_and_histogram(os.path.join(workdir, "roc.png"), labels, scores,
                                   record["auc"])

@@ -11,14 +11,15 @@ maps to a layer by its path with nnx.Sequential's `layers` level left out. What 
   not needed (momentum is fixed) and is accepted and ignored.
 - PReLU weight (1,) -> the scalar slope.
 
-torch is imported only to read a file; a dict of numpy arrays needs no torch at all.
+torch is imported only to read a file (`hw8jax.torch_pickle`: a whole saved model is read
+without running anything in it); a dict of numpy arrays needs no torch at all.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import jax.numpy as jnp
 import numpy as np
@@ -90,25 +91,15 @@ def torch_prefix(path) -> str:
 
 
 def read_state_dict(source) -> dict[str, np.ndarray]:
-  """A state_dict as numpy arrays, from a mapping or a file written by `torch.save` (a state_dict,
-  or a whole pickled model whose class is importable)."""
+  """A state_dict as numpy arrays, from a mapping or a file written by `torch.save` (a state_dict
+  or a whole model, read by `hw8jax.torch_pickle` without running anything in the file)."""
   if isinstance(source, (str, os.PathLike)):
-    import pickle
-
-    import torch
+    from hw8jax import torch_pickle
 
     path = os.fspath(source)
     if not os.path.isfile(path):
       raise FileNotFoundError(f"{path}: no such file")
-    try:
-      source = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-      # A whole model: unpickling runs code from the file, as torch.load always did before 2.6.
-      source = torch.load(path, map_location="cpu", weights_only=False)
-    if hasattr(source, "state_dict"):
-      source = source.state_dict()
-    if not isinstance(source, Mapping):
-      raise ValueError(f"{path}: holds a {type(source).__name__}, not a state_dict or a model")
+    source = torch_pickle.load(path)
   out = {}
   for key, value in source.items():
     if hasattr(value, "detach"):

@@ -88,13 +88,31 @@ def run_keys(seed: int) -> dict:
 
 
 def init_model(config, key: jax.Array):
-  """(train graphdef, eval graphdef, params, batch_stats) of a fresh model."""
-  model = models.build(config.model, rngs=nnx.Rngs(params=key))
+  """(train graphdef, eval graphdef, params, batch_stats) of a fresh model, or of one holding
+  the weights of `config.init_from` (a PyTorch original's file, read without running it)."""
+  if config.init_from:
+    model = load_torch_weights(config.model, config.init_from)
+  else:
+    model = models.build(config.model, rngs=nnx.Rngs(params=key))
   model.train()
   train_def, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   model.eval()
   eval_def = nnx.graphdef(model)
   return train_def, eval_def, params, stats
+
+
+def load_torch_weights(variant: str, path: str) -> nnx.Module:
+  """The variant holding a PyTorch file's weights; a file that does not fit is one line."""
+  from hw8jax.torch_import import load_state_dict
+
+  if not os.path.isfile(path):
+    raise UserError(f"init_from {path}: no such file")
+  try:
+    return load_state_dict(nnx.eval_shape(lambda: models.build(variant, rngs=nnx.Rngs(0))), path)
+  except ValueError as e:
+    if isinstance(e, UserError):
+      raise
+    raise UserError(f"init_from {path}: {e}") from None
 
 
 def init_state(params, batch_stats, tx) -> dict:
