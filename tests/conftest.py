@@ -61,13 +61,13 @@ def _resident_bytes() -> int:
 
 @pytest.fixture(autouse=True)
 def _return_freed_memory():
-  """After a test that leaves this process above 1 GiB, drop JAX's compiled programs and hand
+  """After a test that leaves this process above 768 MiB, drop JAX's compiled programs and hand
   glibc's freed heap back to the system. Compiled programs of large models hold hundreds of MB,
   and buffers of a few MB are freed into malloc arenas that glibc keeps: without this the
   process grew by 0.3 to 0.5 GB per large model tested and peaked at 9 GB. Below the threshold
   the programs stay, for the next test to reuse."""
   yield
-  if not os.path.exists("/proc/self/statm") or _resident_bytes() < 2**30:
+  if not os.path.exists("/proc/self/statm") or _resident_bytes() < 3 * 2**28:
     return
   import jax
 

@@ -9,8 +9,10 @@ and PReLU slopes) and fresh random images every run; weights carried over by
 - BatchNorm running statistics after one train-mode forward: 1e-5 absolute + 1e-4 relative;
 - loss: 1e-4 relative;
 - gradients in float32: all parameters' gradients as one vector, 1e-4 relative in L2 norm,
-  ||g_jax - g_torch|| <= 1e-4 * ||g_torch|| (elementwise ratios are meaningless near zero);
-  multi_encoder and resnet_boss only bounded (see GRAD_RTOL);
+  plus twice PyTorch's own float32 rounding of that gradient (measured against its float64
+  gradient of the same weights), ||g_jax - g_torch|| <= 1e-4 * ||g_torch|| + 2 * ||g_torch -
+  g_torch64|| (elementwise ratios are meaningless near zero); multi_encoder and resnet_boss only
+  bounded (see GRAD_RTOL);
 - every variant again in float64: outputs, loss and statistics to 1e-8, and each parameter's
   gradient to 1e-8 relative in L2 norm.
 Stochastic parts (VAE z, resnet latent noise) get the same noise on both sides.
@@ -123,6 +125,11 @@ def test_eval_reconstruction_matches_torch(variant, seed):
 # 98,304 terms through BatchNorm's backward sums) and resnet_boss (its classifier's first conv
 # sees two nearly equal images with opposite labels) cancel so much that even the whole vector
 # moves (seen 9e-4 and 1.8e-2): float32 keeps only a sanity bound for them.
+# Some draws are that ill-conditioned for fcn_boss too: for seed 1658317540 PyTorch's own float32
+# gradient is 2.4e-3 (relative) from its float64 gradient, and hw8jax's float32 gradient 2.4e-3
+# from PyTorch's, so the 1e-4 bound failed now and then (on main as well). The bound adds twice
+# PyTorch's measured float32 rounding: where the gradient is well conditioned that term is about
+# 1e-7 and the bound stays 1e-4.
 GRAD_RTOL = {"multi_encoder": 5e-2, "resnet_boss": 5e-2}
 
 
@@ -160,10 +167,12 @@ def check_train_step(variant, seed, dtype, grad_rtol, atol=None):
   loss_t = torch_reference.loss(variant, xt, recon_t, aux_t)
   loss_t.backward()
   recon_t, loss_t = nhwc(recon_t), loss_t.item()
-  torch_grads = {k: p.grad if p.grad is not None else torch.zeros_like(p)
+  torch_grads = {k: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
                  for k, p in ref.named_parameters()}
   num_bn = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in ref.modules())
-  buffers = {k: b.numpy() for k, b in ref.named_buffers()}
+  buffers = {k: b.clone().numpy() for k, b in ref.named_buffers()}
+  torch_rounding = _torch_float32_rounding(torch, ref, torch_grads, variant, x, noise) \
+      if dtype == np.float32 else 0.0
   # Float64 weights that were float32 (ref.double()): the float32 import is exact.
   model = imported(variant, {**ref.state_dict(), **buffers_before})
   del ref, aux_t  # PyTorch's weights: only their gradients are compared from here
@@ -208,7 +217,8 @@ def check_train_step(variant, seed, dtype, grad_rtol, atol=None):
       want = expected(path)
       err2 += float(np.sum(np.square(np.asarray(g[...], np.float64) - want)))
       norm2 += float(np.sum(np.square(want)))
-    assert math.sqrt(err2) <= grad_rtol * math.sqrt(norm2), (math.sqrt(err2), math.sqrt(norm2))
+    bound = grad_rtol * math.sqrt(norm2) + 2 * torch_rounding
+    assert math.sqrt(err2) <= bound, (math.sqrt(err2), math.sqrt(norm2), torch_rounding)
   else:
     # A bias right before train-mode BatchNorm has an exactly zero gradient; both sides then hold
     # rounding noise, so tensors below 1e-6 of the largest gradient norm must both stay below it.
@@ -222,3 +232,19 @@ def check_train_step(variant, seed, dtype, grad_rtol, atol=None):
         assert err <= grad_rtol * np.linalg.norm(want), (path, err, np.linalg.norm(want))
   assert len(grads) == len(torch_grads)
   assert checked_stats == 2 * num_bn
+
+
+def _torch_float32_rounding(torch, ref, grads32, variant, x, noise) -> float:
+  """||g32 - g64||: how far PyTorch's own float32 gradient lies from the float64 gradient of
+  the same weights and input. Leaves `ref` in float64 with the same weights (exactly)."""
+  import torch_reference
+
+  ref.zero_grad(set_to_none=True)
+  ref.double()
+  xt = nchw(torch, x.astype(np.float64))
+  recon, aux = ref(xt, **{k: v.double() for k, v in noise.items()})
+  torch_reference.loss(variant, xt, recon, aux).backward()
+  err2 = sum(float(torch.sum(torch.square(p.grad - grads32[k].double())))
+             for k, p in ref.named_parameters() if p.grad is not None)
+  ref.zero_grad(set_to_none=True)
+  return math.sqrt(err2)
