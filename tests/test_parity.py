@@ -167,15 +167,15 @@ def check_train_step(variant, seed, dtype, grad_rtol, atol=None):
   loss_t = torch_reference.loss(variant, xt, recon_t, aux_t)
   loss_t.backward()
   recon_t, loss_t = nhwc(recon_t), loss_t.item()
-  torch_grads = {k: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+  torch_grads = {k: p.grad if p.grad is not None else torch.zeros_like(p)
                  for k, p in ref.named_parameters()}
   num_bn = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in ref.modules())
   buffers = {k: b.clone().numpy() for k, b in ref.named_buffers()}
-  torch_rounding = _torch_float32_rounding(torch, ref, torch_grads, variant, x, noise) \
-      if dtype == np.float32 else 0.0
   # Float64 weights that were float32 (ref.double()): the float32 import is exact.
   model = imported(variant, {**ref.state_dict(), **buffers_before})
-  del ref, aux_t  # PyTorch's weights: only their gradients are compared from here
+  del aux_t
+  if dtype == np.float64:
+    del ref  # PyTorch's weights: only their gradients are compared from here
 
   model.train()
   # The model itself holds the cast values, so no float32 copy outlives this line.
@@ -211,14 +211,18 @@ def check_train_step(variant, seed, dtype, grad_rtol, atol=None):
     return np.asarray(convert(torch_grads[key_t].numpy()), np.float64)
 
   grads = nnx.to_flat_state(grads)
+  num_grads = len(grads)
   if dtype == np.float32:
     err2 = norm2 = 0.0
     for path, g in grads:
       want = expected(path)
       err2 += float(np.sum(np.square(np.asarray(g[...], np.float64) - want)))
       norm2 += float(np.sum(np.square(want)))
-    bound = grad_rtol * math.sqrt(norm2) + 2 * torch_rounding
-    assert math.sqrt(err2) <= bound, (math.sqrt(err2), math.sqrt(norm2), torch_rounding)
+    if math.sqrt(err2) > grad_rtol * math.sqrt(norm2):  # only then is PyTorch's float64 run
+      del grads                                         # needed (and worth its memory)
+      rounding = _torch_float32_rounding(torch, ref, torch_grads, variant, x, noise)
+      bound = grad_rtol * math.sqrt(norm2) + 2 * rounding
+      assert math.sqrt(err2) <= bound, (math.sqrt(err2), math.sqrt(norm2), rounding)
   else:
     # A bias right before train-mode BatchNorm has an exactly zero gradient; both sides then hold
     # rounding noise, so tensors below 1e-6 of the largest gradient norm must both stay below it.
@@ -230,7 +234,7 @@ def check_train_step(variant, seed, dtype, grad_rtol, atol=None):
       else:
         err = np.linalg.norm(got - want)
         assert err <= grad_rtol * np.linalg.norm(want), (path, err, np.linalg.norm(want))
-  assert len(grads) == len(torch_grads)
+  assert num_grads == len(torch_grads)
   assert checked_stats == 2 * num_bn
 
 
