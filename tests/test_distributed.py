@@ -28,6 +28,7 @@ import pytest
 
 from hw8jax import report, train
 from hw8jax.data.demo import make_synthetic
+from hw8jax.main import run
 
 from conftest import launch, quick_config
 
@@ -45,9 +46,7 @@ def runs(tmp_path_factory):
             f"--config.max_steps={STEPS}", "--config.log_every_seconds=0", "--config.seed=3",
             "--config.schedule.name=constant", "--config.optimizer.name=sgd",
             "--config.optimizer.learning_rate=1e-4", "--config.score.batch_size=8"]
-  procs = {"one": [launch(*common, "--mode=train", f"--workdir={root / 'one'}",
-                          config="fcn_boss.py:quick")],
-           "eight": [launch(*common, "--mode=train_and_score", f"--workdir={root / 'eight'}",
+  procs = {"eight": [launch(*common, "--mode=train_and_score", f"--workdir={root / 'eight'}",
                             f"--config.data.test_labels={labels}", config="fcn_boss.py:quick",
                             env=EIGHT)]}
   with socket.socket() as s:
@@ -58,11 +57,22 @@ def runs(tmp_path_factory):
                          f"--config.coordinator_address=127.0.0.1:{port}",
                          f"--config.process_id={i}", config="fcn_boss.py:quick")
                   for i in range(2)]
+  # The 1-device run in this process (one JAX start-up fewer), while the launches run.
+  run(_config(root / "data", ""), str(root / "one"), "train")
   for name, ps in procs.items():
     for i, p in enumerate(ps):
       out = p.communicate(timeout=600)[0]
       assert p.returncode == 0, f"{name} (process {i}):\n{out}"
   return root, labels
+
+
+def _config(data_dir, labels):
+  """The launches' config (configs/fcn_boss.py:quick and the flags above) in this process."""
+  c = quick_config("tiny", str(data_dir), labels)
+  c.data.transform, c.batch_size, c.max_steps, c.log_every_seconds = "crop", 8, STEPS, 0.0
+  c.seed, c.schedule.name, c.optimizer.name, c.optimizer.learning_rate = 3, "constant", "sgd", 1e-4
+  c.score.batch_size = 8
+  return c
 
 
 def _losses(workdir):
@@ -89,9 +99,8 @@ def test_data_parallel_run_matches_one_device(runs, name):
   assert len(one) == len(other) == STEPS
   np.testing.assert_allclose(other, one, rtol=1e-5)
   a, b = _params(root / "one"), _params(root / name)
-  config = quick_config("tiny", str(root / "data"))
-  config.seed = 3
-  initial = jax.tree.leaves(train.init_model(config, train.run_keys(3)["init"])[2])
+  initial = jax.tree.leaves(train.init_model(_config(root / "data", ""),
+                                             train.run_keys(3)["init"])[2])
   assert len(a) == len(b) == len(initial) == 19
   for x, y, x0 in zip(a, b, initial, strict=True):
     x, y, moved = np.asarray(x), np.asarray(y), np.abs(np.asarray(x) - np.asarray(x0)).max()
@@ -101,17 +110,12 @@ def test_data_parallel_run_matches_one_device(runs, name):
 def test_checkpoint_from_8_devices_scores_on_1(runs):
   """The 8-device checkpoint scored on 8 devices (by the run itself) and on this process's 1
   device gives the same scores, and they match the 1-device run's."""
-  from hw8jax.main import run
-
   root, labels = runs
   assert jax.device_count() == 1
   on_eight = report.read_submission(str(root / "eight" / "submission.csv"))
   record = {}
   for name in ("one", "eight"):
-    c = quick_config("tiny", str(root / "data"), labels)
-    c.data.transform, c.seed = "crop", 3  # the runs' seed: the same sampled noise
-    c.score.batch_size = 8
-    record[name] = run(c, str(root / name), "score")
+    record[name] = run(_config(root / "data", labels), str(root / name), "score")
   on_one = report.read_submission(str(root / "eight" / "submission.csv"))
   assert len(on_one) == 13
   np.testing.assert_allclose(on_one, on_eight, rtol=1e-5)
