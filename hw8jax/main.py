@@ -99,11 +99,11 @@ def restore_model_state(config, workdir: str, which: str, mesh):
   return eval_def, (state["params"], state["batch_stats"]), step
 
 
-def mode_scores_only(config, workdir: str) -> bool:
-  """With init_from, scoring uses the PyTorch weights unless this workdir has trained from
-  them (then its checkpoint holds the fine-tuned weights)."""
-  latest = os.path.join(os.path.abspath(workdir), "checkpoints", config.checkpoint.restore)
-  return not (os.path.isdir(latest) and any(d.isdigit() for d in os.listdir(latest)))
+def has_checkpoint(workdir: str, which: str) -> bool:
+  """Whether a workdir holds a `which` checkpoint. With init_from, scoring uses the PyTorch
+  weights until the workdir has trained from them."""
+  folder = os.path.join(os.path.abspath(workdir), "checkpoints", which)
+  return os.path.isdir(folder) and any(d.isdigit() for d in os.listdir(folder))
 
 
 def torch_model_state(config, mesh):
@@ -121,7 +121,7 @@ def score_run(config, workdir: str, train_images, test_images, labels):
   if config.checkpoint.restore not in ("latest", "best"):
     raise UserError(f"checkpoint.restore {config.checkpoint.restore!r}: use latest or best")
   mesh = train.make_mesh()
-  if config.init_from and mode_scores_only(config, workdir):
+  if config.init_from and not has_checkpoint(workdir, config.checkpoint.restore):
     eval_def, model_state = torch_model_state(config, mesh)
     step, source = 0, f"the PyTorch weights in {config.init_from}"
   else:

@@ -75,9 +75,6 @@ class StandIn:
       setattr(self, key, dict(state[key]))
     self._non_persistent = set(state.get("_non_persistent_buffers_set") or ())
 
-  def __reduce_ex__(self, protocol):  # never pickled back out
-    raise TypeError("a stand-in cannot be pickled")
-
 
 def _stand_in(module: str, name: str, source: str) -> type:
   return types.new_class(name.rpartition(".")[2] or "StandIn", (StandIn,), {},
@@ -136,7 +133,7 @@ def load(path) -> dict:
     # above is the restriction (torch's own weights-only mode cannot take unknown classes).
     obj = torch.load(path, map_location="cpu", weights_only=False,
                      pickle_module=_unpickler_module(path))
-  except UnsafePickleError:
+  except UserError:  # a refusal, already one line
     raise
   except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
     raise UserError(f"{path}: not a readable torch.save file ({type(e).__name__}: "

@@ -109,9 +109,9 @@ def load_torch_weights(variant: str, path: str) -> nnx.Module:
     raise UserError(f"init_from {path}: no such file")
   try:
     return load_state_dict(nnx.eval_shape(lambda: models.build(variant, rngs=nnx.Rngs(0))), path)
-  except ValueError as e:
-    if isinstance(e, UserError):
-      raise
+  except UserError:  # the file itself refused or unreadable, already one line naming it
+    raise
+  except ValueError as e:  # weights that do not fit the variant
     raise UserError(f"init_from {path}: {e}") from None
 
 
