@@ -4,6 +4,7 @@
   python launch.py --config=configs/fcn_boss.py --workdir=runs/fcn_boss --config.num_epochs=80
 """
 
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -17,19 +18,45 @@ flags.DEFINE_enum("mode", "train_and_score", ["train", "score", "train_and_score
 flags.mark_flags_as_required(["config"])
 
 
+def _fail(lines: str, code: int = 1):
+  for line in str(lines).splitlines():
+    print(f"error: {line}", file=sys.stderr)
+  sys.exit(code)
+
+
+def parse_flags(argv):
+  """absl's parsing, with every mistake in the flags (an unknown config key or :arg, a value
+  of the wrong type, a missing config file) as one line instead of a traceback."""
+  try:
+    rest = flags.FLAGS(argv)
+    flags.FLAGS.config.get("model")  # config_flags defers a config file's load error to here
+    return rest
+  except Exception as e:  # config_flags raises whatever loading the config file raised
+    from hw8jax.errors import flag_error
+
+    _fail(flag_error(e, argv[1:]), 2)
+
+
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    _fail(f"unexpected arguments {' '.join(argv[1:])}; flags are --name=value", 2)
   if not flags.FLAGS["verbosity"].present:  # orbax logs every checkpoint step at INFO
     logging.set_verbosity(logging.WARNING)
-  from hw8jax.errors import UserError
+  from hw8jax.errors import Interrupted, UserError
   from hw8jax.main import run
 
   try:
     run(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.mode)
+  except Interrupted as e:
+    print(e, file=sys.stderr)
+    sys.exit(e.exit_code)
   except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+    _fail(e)
+  except KeyboardInterrupt:
+    print("interrupted; run the same command to continue from the last checkpoint",
+          file=sys.stderr)
+    sys.exit(128 + signal.SIGINT)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

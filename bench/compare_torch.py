@@ -101,8 +101,9 @@ def bench_variant(variant: str, batch: int, score_batch: int, reps: int):
 
   model.eval()
   eval_def = nnx.graphdef(model)
-  scorer = make_scorer(eval_def)
+  scorer = make_scorer(eval_def, stochastic=variant in models.STOCHASTIC)
   s_u8 = jax.device_put(imgs[:score_batch])
+  index = jax.numpy.arange(score_batch)
   st = nchw(data.normalize(imgs[:score_batch]))
   key = jax.random.key(0)
   model_state = (box["state"]["params"], box["state"]["batch_stats"])
@@ -110,7 +111,7 @@ def bench_variant(variant: str, batch: int, score_batch: int, reps: int):
   s_noise = torch_noise(variant, score_batch)
 
   def jax_score():
-    jax.block_until_ready(scorer(model_state, s_u8, key))
+    jax.block_until_ready(scorer(model_state, s_u8, index, key))
 
   def torch_score():
     with torch.no_grad():

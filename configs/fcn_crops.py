@@ -8,13 +8,15 @@ so the members here are fcn_boss models; its rate is not given, so Adam 1e-3 wit
 warmup-cosine schedule. Recipe (README): train the three, then `python -m hw8jax.ensemble`.
 """
 
-from hw8jax.config import apply_arg, base_config
+from hw8jax.config import ConfigError, apply_arg, base_config
 
 CROPS = ((16, 16, 28, 32), (10, 12, 40, 44), (12, 14, 36, 40))
 
 
 def get_config(arg="0"):
   index, _, rest = (arg or "0").partition(",")
+  if index not in {str(i) for i in range(len(CROPS))}:
+    raise ConfigError(f"crop {index!r}: use 0, 1 or 2 (and optionally ',quick')")
   c = base_config("fcn_boss")
   c.data.transform = ",".join(map(str, CROPS[int(index)]))
   c.schedule.name = "warmup_cosine"

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 
 from hw8jax import report
-from hw8jax.data import DataError, open_labels
+from hw8jax.data import DataError, open_labels, write_npy_atomic
 from hw8jax.errors import UserError
 
 METHODS = ("rank", "zscore")
@@ -27,8 +27,10 @@ def combine(scores: list[np.ndarray], method: str = "rank") -> np.ndarray:
   if method not in METHODS:
     raise UserError(f"ensemble method {method!r}: use rank or zscore")
   stacked = np.stack([np.asarray(s, np.float64) for s in scores])
-  if method == "rank":
-    ranks = stacked.argsort(axis=1).argsort(axis=1)
+  if method == "rank":  # tied scores share their mean rank: file order must not break ties
+    from scipy.stats import rankdata
+
+    ranks = rankdata(stacked, axis=1) - 1
     return ranks.mean(axis=0) / max(stacked.shape[1] - 1, 1)
   std = stacked.std(axis=1, keepdims=True)
   return ((stacked - stacked.mean(axis=1, keepdims=True)) / np.where(std > 0, std, 1)).mean(0)
@@ -58,14 +60,14 @@ def main(argv=None) -> int:
     scores = combine(load_scores(args.workdirs), args.method)
     os.makedirs(args.out, exist_ok=True)
     report.write_submission(os.path.join(args.out, "submission.csv"), scores)
-    np.save(os.path.join(args.out, "scores.npy"), scores.astype(np.float32))
+    write_npy_atomic(os.path.join(args.out, "scores.npy"), scores.astype(np.float32))
     print(f"wrote {os.path.join(args.out, 'submission.csv')} ({len(scores)} rows, "
           f"{args.method} of {len(args.workdirs)} models)")
     if args.labels:
       record = {**report.evaluate(open_labels(args.labels, len(scores)), scores),
                 "method": args.method, "workdirs": args.workdirs}
       report.write_json(os.path.join(args.out, "eval.json"), record)
-      print(f"ROC AUC {record['auc']:.4f}  AUPR {record['aupr']:.4f}")
+      report.print_evaluation(record)
   except (UserError, DataError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

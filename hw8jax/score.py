@@ -1,4 +1,4 @@
-"""Anomaly scores: one scorer, used by training-time evaluation, scoring runs and tests.
+"""Anomaly scores: one scorer factory, used by training-time evaluation, scoring runs and tests.
 
 The score of an image is its reconstruction error on normalised (transformed) images:
 - "l2" (default, the sample code's): sqrt(sum over pixels and channels of (recon - x)^2);
@@ -8,11 +8,14 @@ The score of an image is its reconstruction error on normalised (transformed) im
 Models score in eval mode. With `sample=True` the reconstruction is `model(x, rngs)[0]`: a
 sampled z for the VAE parts (the sample code's choice), the clean-latent reconstruction for
 resnet_boss; with `sample=False` it is the deterministic `decode(encode(x))` (z = mu).
+A sampled image's noise is keyed by its index in the test file, so its score does not depend
+on the scoring batch size or the device count.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -20,9 +23,9 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from hw8jax import data
-
-METRICS = ("l2", "mse", "mae", "topk")
+from hw8jax import checkpoint, data, models, report, runtime
+from hw8jax import workdir as workdir_lib
+from hw8jax.config import METRICS
 
 
 def image_error(recon: jax.Array, x: jax.Array, metric: str, topk: int = 256) -> jax.Array:
@@ -40,47 +43,66 @@ def image_error(recon: jax.Array, x: jax.Array, metric: str, topk: int = 256) ->
 
 
 def make_scorer(graphdef, *, metric: str = "l2", topk: int = 256, sample: bool = True,
-                transform=data.normalize, compute_dtype=jnp.float32):
-  """jit(fn(model_state, images_uint8, key) -> (B,) float32 scores), vmapped over the batch.
+                stochastic: bool = True, transform=data.normalize,
+                compute_dtype=jnp.float32):
+  """jit(fn(model_state, images_uint8, index, key) -> (B,) float32 scores).
 
-  `graphdef` must be of a model in eval mode; `model_state` is its (params, batch_stats).
+  `graphdef` must be of a model in eval mode; `model_state` is its (params, batch_stats);
+  `index` holds each image's index in its file. With `sample`, image i's noise is keyed by
+  fold_in(key, i) (`models.layers.normal`); `stochastic=False` (a model that draws no noise)
+  skips the keys.
   """
   image_error(jnp.zeros((1,)), jnp.zeros((1,)), metric, 1)  # fail early on a bad metric
 
+  def reconstruct(model, x, index, key):
+    if not sample:
+      return model.decode(model.encode(x))
+    if not stochastic:
+      return model(x)[0]
+    per_image = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, index)
+    return model(x, rngs=nnx.Rngs(noise=key, per_image=per_image))[0]
+
   @jax.jit
-  def score(model_state, images, key):
+  def score(model_state, images, index, key):
     params, stats = model_state
     model = nnx.merge(graphdef, jax.tree.map(lambda p: p.astype(compute_dtype), params), stats)
     x = transform(images)
-    xin = x.astype(compute_dtype)
-    if sample:
-      recon = model(xin, rngs=nnx.Rngs(noise=key))[0]
-    else:
-      recon = model.decode(model.encode(xin))
+    recon = reconstruct(model, x.astype(compute_dtype), index, key)
     return jax.vmap(functools.partial(image_error, metric=metric, topk=topk))(
         recon.astype(jnp.float32), x)
 
   return score
 
 
+def scorer_for(config, eval_def):
+  """The scorer a config describes, for the eval graphdef of its model."""
+  return make_scorer(eval_def, metric=config.score.metric, topk=config.score.topk,
+                     sample=config.score.sample,
+                     stochastic=config.model in models.STOCHASTIC,
+                     transform=data.get_transform(config.data.transform),
+                     compute_dtype=runtime.COMPUTE_DTYPES[config.compute_dtype])
+
+
 def score_images(scorer, model_state, images, *, batch_size: int, key,
                  mesh=None) -> np.ndarray:
   """Scores of all `images` (N, 64, 64, 3) uint8, in file order, each scored exactly once.
 
-  Batches are padded to `batch_size` so `scorer` compiles once; with a mesh, each batch is
-  sharded over its `data` axis and each process reads only its rows.
+  Batches are padded to `batch_size` (rounded up to a multiple of the mesh's devices) so
+  `scorer` compiles once; with a mesh, each batch is sharded over its `data` axis and each
+  process reads only its rows.
   """
+  devices = mesh.size if mesh is not None else 1
+  batch_size = -(-batch_size // devices) * devices
   n = len(images)
   scores = np.full(n, np.nan, np.float32)
   shard = data.Shard(jax.process_index(), jax.process_count())
-  for b, batch in enumerate(data.eval_dataset(images, batch_size=batch_size, shard=shard)):
+  for batch in data.eval_dataset(images, batch_size=batch_size, shard=shard):
     imgs, index, mask = batch["image"], batch["index"], batch["mask"]
     if mesh is not None:
-      sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-      imgs = jax.make_array_from_process_local_data(sharding, imgs)
-      index = jax.make_array_from_process_local_data(sharding, index)
-      mask = jax.make_array_from_process_local_data(sharding, mask)
-    out = scorer(model_state, imgs, jax.random.fold_in(key, b))
+      sharding = runtime.batch_sharded(mesh)
+      imgs, index, mask = (jax.make_array_from_process_local_data(sharding, a)
+                           for a in (imgs, index, mask))
+    out = scorer(model_state, imgs, index, key)
     if jax.process_count() > 1:
       out, index, mask = (multihost_utils.process_allgather(a, tiled=True)
                           for a in (out, index, mask))
@@ -88,3 +110,60 @@ def score_images(scorer, model_state, images, *, batch_size: int, key,
     scores[index[mask]] = out[mask]
   assert not np.isnan(scores).any(), "an image was not scored"
   return scores
+
+
+# --- a scoring run
+
+
+def _model_state(config, workdir: str, mesh):
+  """(eval graphdef, model state, step, where the weights came from) for scoring: the
+  workdir's checkpoint, or the PyTorch file of `init_from` while the workdir has none."""
+  which = config.checkpoint.restore
+  if config.init_from and not checkpoint.exists(workdir, which):
+    from hw8jax.torch_import import load_torch_weights
+
+    model = load_torch_weights(config.model, config.init_from)
+    model.eval()
+    eval_def, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    state = jax.device_put((params, stats), runtime.replicated(mesh))
+    return eval_def, state, 0, f"the PyTorch weights in {config.init_from}"
+  eval_def, state, step = checkpoint.restore_for_scoring(config, workdir, which, mesh)
+  return eval_def, state, step, f"the {which} checkpoint (step {step})"
+
+
+def score_run(config, workdir: str, inputs) -> dict | None:
+  """Score every test image; write submission.csv, scores.npy, figures, and with labels
+  eval.json and roc.png. Returns the eval record (None without labels)."""
+  mesh = runtime.make_mesh()
+  eval_def, model_state, step, source = _model_state(config, workdir, mesh)
+  if runtime.is_main_process():
+    workdir_lib.record(config, workdir, "score")
+  scores = score_images(scorer_for(config, eval_def), model_state, inputs.test,
+                        batch_size=config.score.batch_size,
+                        key=runtime.run_keys(config.seed)["score"], mesh=mesh)
+  if not runtime.is_main_process():
+    return None
+  csv_path = os.path.join(workdir, "submission.csv")
+  report.write_submission(csv_path, scores)
+  data.write_npy_atomic(os.path.join(workdir, "scores.npy"), scores)
+  print(f"wrote {csv_path} ({len(scores)} rows) from {source}", flush=True)
+  # Figures are small eager computations: on this process's first device, from a local copy of
+  # the replicated parameters (whatever mesh they were restored onto).
+  local = jax.tree.map(lambda a: jax.device_put(a.addressable_data(0), jax.local_devices()[0]),
+                       model_state)
+  report.plot_model_figures(workdir, nnx.merge(eval_def, *local),
+                            data.get_transform(config.data.transform), inputs, scores)
+  if inputs.labels is None:
+    report.remove_label_outputs(workdir)  # a previous run's, which no longer describe this one
+    return None
+  record = {**report.evaluate(inputs.labels, scores), "checkpoint": config.checkpoint.restore,
+            "step": int(step), "model": config.model, "metric": config.score.metric,
+            "weights": source}
+  report.write_json(os.path.join(workdir, "eval.json"), record)
+  report.print_evaluation(record)
+  if record["auc"] is not None:
+    report.plot_roc_and_histogram(os.path.join(workdir, "roc.png"), inputs.labels, scores,
+                                  record["auc"])
+  else:
+    report.remove_label_outputs(workdir, keep=("eval.json",))
+  return record

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from hw8jax import models
+from hw8jax.errors import UserError
 from hw8jax.models import layers
 
 # Per layer type: (PyTorch name, nnx attribute, converter(array, layer) -> array).
@@ -163,3 +165,15 @@ def _torch_shape(shape, attr) -> tuple:
   if attr == "negative_slope":
     return (1,)
   return tuple(shape)
+
+
+def load_torch_weights(variant: str, path: str) -> nnx.Module:
+  """The variant holding a PyTorch file's weights; a file that does not fit is one line."""
+  if not os.path.isfile(path):
+    raise UserError(f"init_from {path}: no such file")
+  try:
+    return load_state_dict(nnx.eval_shape(lambda: models.build(variant, rngs=nnx.Rngs(0))), path)
+  except UserError:  # the file itself refused or unreadable, already one line naming it
+    raise
+  except ValueError as e:  # weights that do not fit the variant
+    raise UserError(f"init_from {path}: {e}") from None

@@ -1,6 +1,9 @@
 """Training: optimiser and schedule from the config, a jitted data-parallel train step, orbax
 checkpoints with exact resume, progress lines and metrics.jsonl.
 
+A run resumes from its newest readable checkpoint, saves only finite states, and on SIGTERM or
+Ctrl-C (single-process runs) saves the step it is at before it stops.
+
 The train state is a plain pytree (dict) of params, batch_stats, opt_state, step and the
 epoch bookkeeping; the model's structure lives in an nnx graphdef outside it. The step is
 `jax.jit` over that state with the state donated: NNX's Python-side object handling runs once,
@@ -9,9 +12,12 @@ at trace time, not every step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
+import threading
 import time
 
 import jax
@@ -20,16 +26,13 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from hw8jax import checkpoint, data, models
-from hw8jax.errors import UserError
+from hw8jax import checkpoint, data, models, report, runtime
+from hw8jax import workdir as workdir_lib
+from hw8jax.errors import Interrupted, UserError
 from hw8jax.losses import loss_fn
-from hw8jax.score import make_scorer, score_images
-
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
+from hw8jax.runtime import log
+from hw8jax.score import score_images, scorer_for
 
 # --- optimiser and schedule
 
@@ -55,7 +58,7 @@ def make_schedule(config: ml_collections.ConfigDict, total_steps: int):
     return optax.constant_schedule(lr)
   if config.schedule.name == "warmup_cosine":
     return warmup_cosine(lr, total_steps, config.schedule.warmup_fraction)
-  raise UserError(f"schedule.name {config.schedule.name!r}: use 'constant' or 'warmup_cosine'")
+  raise ValueError(f"schedule.name {config.schedule.name!r}")  # config.validate lists them
 
 
 def make_optimizer(config: ml_collections.ConfigDict, schedule) -> optax.GradientTransformation:
@@ -69,7 +72,7 @@ def make_optimizer(config: ml_collections.ConfigDict, schedule) -> optax.Gradien
                        weight_decay=config.optimizer.weight_decay)
   if name == "sgd":  # torch.optim.SGD without momentum
     return optax.sgd(schedule)
-  raise UserError(f"optimizer.name {name!r}: use 'adam', 'adamw' or 'sgd'")
+  raise ValueError(f"optimizer.name {name!r}")  # config.validate lists them
 
 
 def total_steps(config, num_images: int) -> int:
@@ -80,17 +83,12 @@ def total_steps(config, num_images: int) -> int:
 # --- state and step
 
 
-def run_keys(seed: int) -> dict:
-  """Every key of a run, from the config's one seed: model init, training noise (folded with
-  the step) and scoring noise (folded with the batch)."""
-  init, noise, score = jax.random.split(jax.random.key(seed), 3)
-  return {"init": init, "noise": noise, "score": score}
-
-
 def init_model(config, key: jax.Array):
   """(train graphdef, eval graphdef, params, batch_stats) of a fresh model, or of one holding
   the weights of `config.init_from` (a PyTorch original's file, read without running it)."""
   if config.init_from:
+    from hw8jax.torch_import import load_torch_weights
+
     model = load_torch_weights(config.model, config.init_from)
   else:
     model = models.build(config.model, rngs=nnx.Rngs(params=key))
@@ -99,20 +97,6 @@ def init_model(config, key: jax.Array):
   model.eval()
   eval_def = nnx.graphdef(model)
   return train_def, eval_def, params, stats
-
-
-def load_torch_weights(variant: str, path: str) -> nnx.Module:
-  """The variant holding a PyTorch file's weights; a file that does not fit is one line."""
-  from hw8jax.torch_import import load_state_dict
-
-  if not os.path.isfile(path):
-    raise UserError(f"init_from {path}: no such file")
-  try:
-    return load_state_dict(nnx.eval_shape(lambda: models.build(variant, rngs=nnx.Rngs(0))), path)
-  except UserError:  # the file itself refused or unreadable, already one line naming it
-    raise
-  except ValueError as e:  # weights that do not fit the variant
-    raise UserError(f"init_from {path}: {e}") from None
 
 
 def init_state(params, batch_stats, tx) -> dict:
@@ -159,118 +143,195 @@ def make_train_step(graphdef, tx, variant: str, transform, key, compute_dtype=jn
   return step_fn
 
 
+def jit_train_step(step_fn, mesh):
+  """`step_fn` compiled for `mesh`: state replicated and donated, the batch sharded."""
+  replicated = runtime.replicated(mesh)
+  return jax.jit(step_fn, in_shardings=(replicated, runtime.batch_sharded(mesh)),
+                 out_shardings=(replicated, replicated), donate_argnums=0)
+
+
 # --- the run
-
-
-def make_mesh() -> jax.sharding.Mesh:
-  """One `data` axis over every device of every process."""
-  return jax.make_mesh((jax.device_count(),), ("data",))
 
 
 def _append_jsonl(path: str, record: dict) -> None:
   with open(path, "a") as f:
-    f.write(json.dumps(record) + "\n")
+    f.write(json.dumps(report._json_safe(record)) + "\n")
 
 
 def _truncate_metrics(path: str, step: int) -> None:
-  """Drop lines a killed run wrote past the checkpoint it resumes from."""
+  """Drop lines a killed run wrote past the checkpoint it resumes from, and a last line it
+  was killed while writing."""
   if not os.path.exists(path):
     return
+  keep = []
   with open(path) as f:
-    keep = [line for line in f if json.loads(line).get("step", 0) <= step]
+    for line in f:
+      try:
+        if line.endswith("\n") and json.loads(line).get("step", 0) <= step:
+          keep.append(line)
+      except ValueError:
+        pass
   tmp = f"{path}.tmp"
   with open(tmp, "w") as f:
     f.writelines(keep)
   os.replace(tmp, path)
 
 
-def _log(message: str) -> None:
-  if jax.process_index() == 0:
-    print(message, flush=True)
+def _all_finite(tree) -> bool:
+  """On the host, from this process's copy of each (replicated) array: orbax copies the state
+  to the host to save it anyway, and a compiled check would cost a compilation per state
+  layout."""
+  return all(np.isfinite(np.asarray(x.addressable_data(0))).all() for x in jax.tree.leaves(tree)
+             if jnp.issubdtype(x.dtype, jnp.floating))
 
 
-def _check_finite(value: float, step: int, mngrs) -> None:
+def _kept(mngrs) -> str:
+  last = mngrs["latest"].latest_step()
+  return f"the last good checkpoint (step {last}) is kept" if last is not None else \
+      "no checkpoint was written"
+
+
+def _save(mngrs, which: str, step: int, state, iterator=None) -> None:
+  """Save only a finite state: a checkpoint is what a run resumes and scores from, so one
+  holding NaN would lose the run's work as surely as none."""
+  if not _all_finite({k: v for k, v in state.items() if k != "best"}):  # best starts at -inf
+    raise UserError(f"training stopped: the parameters became non-finite by step {step}; "
+                    f"{_kept(mngrs)}. Try a lower optimizer.learning_rate")
+  checkpoint.save(mngrs[which], step, state, iterator)
+
+
+def _check_loss(value: float, step: int, mngrs) -> None:
   if not math.isfinite(value):
-    last = mngrs["latest"].latest_step()
-    kept = f"the last good checkpoint (step {last}) is kept" if last is not None else \
-        "no checkpoint was written"
-    raise UserError(f"training stopped: loss became {value} at step {step}; {kept}. Try a "
-                    "lower optimizer.learning_rate")
+    raise UserError(f"training stopped: loss became {value} at step {step}; {_kept(mngrs)}. "
+                    "Try a lower optimizer.learning_rate")
+
+
+@contextlib.contextmanager
+def _stop_signals():
+  """A dict whose "signal" is set when SIGTERM or SIGINT arrives, so the loop can save the step
+  it is at and stop. A second signal acts at once, as it would without this. Only where Python
+  can take signals (the main thread) and in single-process runs: processes of a multi-process
+  run would stop at different steps and wait on each other."""
+  requested = {}
+  if threading.current_thread() is not threading.main_thread() or jax.process_count() > 1:
+    yield requested
+    return
+  previous = {}
+
+  def handler(signum, frame):
+    requested["signal"] = signum
+    for s, h in previous.items():
+      signal.signal(s, h)
+
+  for s in (signal.SIGTERM, signal.SIGINT):
+    previous[s] = signal.signal(s, handler)
+  try:
+    yield requested
+  finally:
+    for s, h in previous.items():
+      signal.signal(s, h)
+
+
+def _resume(mngrs, state, iterator, replicated, num_steps: int):
+  """The state to continue from (`state` itself when there is no checkpoint; None when the
+  newest readable one has reached `num_steps`), from the newest readable latest checkpoint,
+  with `iterator` moved to match. The iterator is restored only to continue: a run shortened
+  below its checkpoint has an iterator shorter than the saved position."""
+  mngr = mngrs["latest"]
+  target = checkpoint.abstract(state, replicated)
+  found = checkpoint.newest_intact(mngr, lambda step: checkpoint.restore(mngr, target, None, step))
+  if found is None:
+    return state
+  step, restored = found
+  if step >= num_steps:
+    log(f"training already finished ({step} steps); not retraining")
+    return None
+  checkpoint.restore_iterator(mngr, iterator, step)
+  return restored
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, train_images, test_images=None,
-          test_labels=None) -> dict:
-  """Train (or resume) to the configured number of steps; returns the final train state."""
-  mesh = make_mesh()
-  replicated = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P("data"))
-  if config.batch_size % jax.device_count():
-    raise UserError(f"batch_size {config.batch_size} does not split over "
-                    f"{jax.device_count()} devices")
-  compute_dtype = COMPUTE_DTYPES[config.compute_dtype]
+          test_labels=None) -> dict | None:
+  """Train (or resume) to the configured number of steps; returns the final train state
+  (None when the workdir had already finished)."""
+  mesh = runtime.make_mesh()
+  replicated = runtime.replicated(mesh)
+  batch_sharding = runtime.batch_sharded(mesh)
+  compute_dtype = runtime.COMPUTE_DTYPES[config.compute_dtype]
   num_steps = total_steps(config, len(train_images))
   spe = data.steps_per_epoch(len(train_images), config.batch_size)
   schedule = make_schedule(config, num_steps)
   tx = make_optimizer(config, schedule)
-  keys = run_keys(config.seed)
-  train_def, eval_def, params, stats = init_model(config, keys["init"])
-  state = jax.device_put(init_state(params, stats, tx), replicated)
-  transform = data.get_transform(config.data.transform)
-  step_fn = jax.jit(make_train_step(train_def, tx, config.model, transform, keys["noise"],
-                                    compute_dtype),
-                    in_shardings=(replicated, batch_sharding),
-                    out_shardings=(replicated, replicated), donate_argnums=0)
-  # Validation AUC at each epoch end when labels are configured (and best-by-AUC).
-  scorer = make_scorer(eval_def, metric=config.score.metric, topk=config.score.topk,
-                       sample=config.score.sample, transform=transform,
-                       compute_dtype=compute_dtype) if test_labels is not None else None
-
-  shard = data.Shard(jax.process_index(), jax.process_count())
-  dataset = data.train_dataset(train_images, batch_size=config.batch_size, seed=config.seed,
-                               num_steps=num_steps, shard=shard,
-                               num_threads=config.data.num_threads)
-  iterator = iter(dataset)
+  keys = runtime.run_keys(config.seed)
   mngrs = checkpoint.managers(workdir, config.checkpoint.keep)
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
   try:
-    if mngrs["latest"].latest_step() is not None:
-      state = checkpoint.restore(mngrs["latest"], checkpoint.abstract(state, replicated),
-                                 iterator)
-      if jax.process_index() == 0:
-        _truncate_metrics(metrics_path, int(state["step"]))
-      _log(f"resumed from step {int(state['step'])} of {num_steps} ({workdir})")
-    start = int(state["step"])
-    if start >= num_steps:
-      _log(f"training already finished ({num_steps} steps); not retraining")
-      return state
+    train_def, eval_def, params, stats = init_model(config, keys["init"])
+    state = jax.device_put(init_state(params, stats, tx), replicated)
+    transform = data.get_transform(config.data.transform)
+    step_fn = jit_train_step(make_train_step(train_def, tx, config.model, transform,
+                                             keys["noise"], compute_dtype), mesh)
+    scorer = None
+    if test_labels is not None:
+      reason = report.single_class(test_labels)
+      if reason:
+        log(f"no validation AUC: {reason}; the best checkpoint follows the epoch loss")
+      else:  # validation AUC at each epoch end, and the best checkpoint by it
+        scorer = scorer_for(config, eval_def)
 
-    _log(f"training {config.model}: {num_steps} steps ({spe} an epoch), batch "
-         f"{config.batch_size}, {jax.device_count()} device(s) [{jax.devices()[0].platform}]")
-    last_log, log_step = time.time(), start
-    for step in range(start, num_steps):
-      batch = jax.make_array_from_process_local_data(batch_sharding, next(iterator)["image"])
-      state, metrics = step_fn(state, batch)
-      done = step + 1
-      end_of_epoch = done % spe == 0
-      now = time.time()
-      if now - last_log >= config.log_every_seconds or done == num_steps or end_of_epoch:
-        loss = float(metrics["loss"])
-        _check_finite(loss, done, mngrs)
-        rate = (done - log_step) * config.batch_size / max(now - last_log, 1e-9)
-        record = {"step": done, "epoch": done / spe, "loss": loss,
-                  "lr": float(schedule(step)), "images_per_s": rate,
-                  **{k: float(v) for k, v in metrics.items() if k != "loss"}}
-        _log(f"epoch {done / spe:6.2f}  step {done}/{num_steps}  loss {loss:.6g}  "
-             f"lr {record['lr']:.3g}  {rate:.1f} img/s")
-        if jax.process_index() == 0:
-          _append_jsonl(metrics_path, record)
-        last_log, log_step = now, done
-      if end_of_epoch:
-        state = _end_epoch(state, done, spe, scorer, test_images, test_labels, config,
-                           keys["score"], mesh, mngrs, metrics_path)
-      if done % config.checkpoint.every_steps == 0 or done == num_steps:
-        _check_finite(float(state["epoch_loss_sum"]), done, mngrs)
-        checkpoint.save(mngrs["latest"], done, state, iterator)
+    shard = data.Shard(jax.process_index(), jax.process_count())
+    dataset = data.train_dataset(train_images, batch_size=config.batch_size, seed=config.seed,
+                                 num_steps=num_steps, shard=shard,
+                                 num_threads=config.data.num_threads)
+    iterator = iter(dataset)
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    fresh = not mngrs["latest"].all_steps()
+    state = _resume(mngrs, state, iterator, replicated, num_steps)
+    if state is None:
+      return None
+    if runtime.is_main_process():
+      workdir_lib.record(config, workdir, "train", fresh=fresh)
+    start = int(state["step"])
+    if start:
+      if runtime.is_main_process():
+        _truncate_metrics(metrics_path, start)
+      log(f"resumed from step {start} of {num_steps} ({workdir})")
+    elif runtime.is_main_process() and os.path.exists(metrics_path):
+      os.remove(metrics_path)  # a run that saved nothing: its lines describe no checkpoint
+
+    log(f"training {config.model}: {num_steps} steps ({spe} an epoch), batch "
+        f"{config.batch_size}, {jax.device_count()} device(s) [{jax.devices()[0].platform}]")
+    with _stop_signals() as stop:
+      last_log, log_step = time.time(), start
+      for step in range(start, num_steps):
+        batch = jax.make_array_from_process_local_data(batch_sharding,
+                                                       next(iterator)["image"])
+        state, metrics = step_fn(state, batch)
+        done = step + 1
+        end_of_epoch = done % spe == 0
+        if time.time() - last_log >= config.log_every_seconds or done == num_steps or \
+            end_of_epoch:
+          loss = float(metrics["loss"])  # waits for this step: the rate counts finished steps
+          now = time.time()
+          _check_loss(loss, done, mngrs)
+          rate = (done - log_step) * config.batch_size / max(now - last_log, 1e-9)
+          record = {"step": done, "epoch": done / spe, "loss": loss,
+                    "lr": float(schedule(step)), "images_per_s": rate,
+                    **{k: float(v) for k, v in metrics.items() if k != "loss"}}
+          log(f"epoch {done / spe:6.2f}  step {done}/{num_steps}  loss {loss:.6g}  "
+              f"lr {record['lr']:.3g}  {rate:.1f} img/s")
+          if runtime.is_main_process():
+            _append_jsonl(metrics_path, record)
+          last_log, log_step = now, done
+        if end_of_epoch:
+          state = _end_epoch(state, done, spe, scorer, test_images, test_labels, config,
+                             keys["score"], mesh, mngrs, metrics_path)
+        saved = done % config.checkpoint.every_steps == 0 or done == num_steps
+        if saved or stop.get("signal"):
+          _check_loss(float(state["epoch_loss_sum"]), done, mngrs)
+          _save(mngrs, "latest", done, state, iterator)
+        if stop.get("signal") and done < num_steps:
+          mngrs["latest"].wait_until_finished()
+          raise Interrupted(stop["signal"], done, num_steps)
     return state
   finally:
     for m in mngrs.values():
@@ -297,11 +358,11 @@ def _end_epoch(state, done, spe, scorer, test_images, test_labels, config, score
   state = dict(state, epoch_loss_sum=jax.device_put(np.float32(0), sharding))
   if quality > float(state["best"]):
     state = dict(state, best=jax.device_put(np.float32(quality), sharding))
-    checkpoint.save(mngrs["best"], done, checkpoint.model_part(state))
+    _save(mngrs, "best", done, checkpoint.model_part(state))
     record["best"] = True
-  _log(f"epoch {done // spe} done: mean loss {mean_loss:.6g}"
-       + (f", validation AUC {record['val_auc']:.4f}" if "val_auc" in record else "")
-       + (" (best so far)" if record.get("best") else ""))
-  if jax.process_index() == 0:
+  log(f"epoch {done // spe} done: mean loss {mean_loss:.6g}"
+      + (f", validation AUC {record['val_auc']:.4f}" if "val_auc" in record else "")
+      + (" (best so far)" if record.get("best") else ""))
+  if runtime.is_main_process():
     _append_jsonl(metrics_path, record)
   return state

@@ -118,6 +118,46 @@ def launch(*flags: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
                           stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
 
 
+_LAUNCH_MODULE = []
+
+
+@pytest.fixture
+def launch_here(capsys):
+  """Run launch.py in this process: its flag parsing and its main(), as a user's command
+  meets them, without a new process (no JAX start-up, and this process's compiled programs).
+  Returns a function of the flags (as `launch_command` takes them) giving a CompletedProcess
+  with the exit code and what was printed."""
+  from absl import flags as absl_flags
+
+  if not _LAUNCH_MODULE:  # launch.py defines its flags once per process
+    spec = importlib.util.spec_from_file_location("launch_script", os.path.join(REPO, "launch.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    _LAUNCH_MODULE.append(module)
+  module = _LAUNCH_MODULE[0]
+
+  def call(*flags: str, **kwargs) -> subprocess.CompletedProcess:
+    argv = ["launch.py", *launch_command(*flags, **kwargs)[2:]]
+    absl_flags.FLAGS.unparse_flags()
+    capsys.readouterr()
+    code, saved_argv = 0, sys.argv
+    sys.argv = argv  # config_flags reads the --config.KEY overrides from sys.argv
+    try:
+      module.main(module.parse_flags(argv))
+    except SystemExit as e:
+      code = e.code
+    finally:
+      sys.argv = saved_argv
+      absl_flags.FLAGS.unparse_flags()
+      for name in list(absl_flags.FLAGS):  # the overrides are defined anew by each parse
+        if name.startswith("config."):
+          delattr(absl_flags.FLAGS, name)
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, out.out, out.err)
+
+  return call
+
+
 def cli(*flags: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
   """Run launch.py to the end; stdout and stderr apart."""
   return subprocess.run(launch_command(*flags, **kwargs), capture_output=True, text=True,

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 import pytest
 
-from hw8jax import report, train
+from hw8jax import report, runtime, train
 from hw8jax.data.demo import make_synthetic
 from hw8jax.main import run
 
@@ -39,13 +39,15 @@ EIGHT = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   """Workdirs of the same short run (crop transform, 8 steps an epoch) on 1 device, 8 devices
-  and 2 processes; the 8-device run also scores (with labels, scoring batch 8)."""
+  and 2 processes; the 8-device run also scores, with labels: validation AUC at each epoch end
+  and the final scores, at a scoring batch of 12, which 8 devices do not divide (rounded up to
+  16; it failed at the first epoch end)."""
   root = tmp_path_factory.mktemp("dist")
   labels = make_synthetic(root / "data", num_train=64, num_test=13, seed=2)
   common = [f"--config.data.dir={root / 'data'}", "--config.batch_size=8",
             f"--config.max_steps={STEPS}", "--config.log_every_seconds=0", "--config.seed=3",
             "--config.schedule.name=constant", "--config.optimizer.name=sgd",
-            "--config.optimizer.learning_rate=1e-4", "--config.score.batch_size=8"]
+            "--config.optimizer.learning_rate=1e-4", "--config.score.batch_size=12"]
   procs = {"eight": [launch(*common, "--mode=train_and_score", f"--workdir={root / 'eight'}",
                             f"--config.data.test_labels={labels}", config="fcn_boss.py:quick",
                             env=EIGHT)]}
@@ -71,7 +73,7 @@ def _config(data_dir, labels):
   c = quick_config("tiny", str(data_dir), labels)
   c.data.transform, c.batch_size, c.max_steps, c.log_every_seconds = "crop", 8, STEPS, 0.0
   c.seed, c.schedule.name, c.optimizer.name, c.optimizer.learning_rate = 3, "constant", "sgd", 1e-4
-  c.score.batch_size = 8
+  c.score.batch_size = 12
   return c
 
 
@@ -83,10 +85,10 @@ def _losses(workdir):
 def _params(workdir):
   """Params, restored onto this process's one device."""
   from hw8jax import config as config_lib
-  from hw8jax.main import restore_model_state
-  from hw8jax.train import make_mesh
+  from hw8jax.checkpoint import restore_for_scoring
+  from hw8jax.runtime import make_mesh
 
-  _, (params, _), step = restore_model_state(config_lib.base_config("tiny"),
+  _, (params, _), step = restore_for_scoring(config_lib.base_config("tiny"),
                                              str(workdir), "latest", make_mesh())
   assert step == STEPS
   return jax.tree.leaves(params)
@@ -100,7 +102,7 @@ def test_data_parallel_run_matches_one_device(runs, name):
   np.testing.assert_allclose(other, one, rtol=1e-5)
   a, b = _params(root / "one"), _params(root / name)
   initial = jax.tree.leaves(train.init_model(_config(root / "data", ""),
-                                             train.run_keys(3)["init"])[2])
+                                             runtime.run_keys(3)["init"])[2])
   assert len(a) == len(b) == len(initial) == 19
   for x, y, x0 in zip(a, b, initial, strict=True):
     x, y, moved = np.asarray(x), np.asarray(y), np.abs(np.asarray(x) - np.asarray(x0)).max()

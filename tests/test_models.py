@@ -83,24 +83,24 @@ def test_contract(variant, seed):
 
 
 def test_the_config_seed_alone_draws_the_initial_weights(seed):
-  """train.run_keys / train.init_model, as a run initialises: the same seed gives the same
+  """runtime.run_keys / train.init_model, as a run initialises: the same seed gives the same
   weights; another seed changes every tensor (none is drawn from a fixed key); the run's init,
   noise and scoring keys are three different keys."""
   from hw8jax import config as config_lib
-  from hw8jax import train
+  from hw8jax import runtime, train
 
   c = config_lib.base_config("ta_vae")
 
   def weights(s):
     return [np.asarray(a) for a in jax.tree.leaves(train.init_model(
-        c, train.run_keys(s)["init"])[2])]
+        c, runtime.run_keys(s)["init"])[2])]
 
   a, b, other = weights(seed), weights(seed), weights(seed + 1)
   assert len(a) == 14  # 7 convs and transposed convs, kernel and bias each
   for x, y, z in zip(a, b, other, strict=True):
     np.testing.assert_array_equal(x, y)
     assert not np.any(x == z) if x.size > 1 else x != z
-  keys = train.run_keys(seed)
+  keys = runtime.run_keys(seed)
   data = {name: np.asarray(jax.random.key_data(k)).tobytes() for name, k in keys.items()}
   assert set(data) == {"init", "noise", "score"} and len(set(data.values())) == 3
 

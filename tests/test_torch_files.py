@@ -107,19 +107,21 @@ def test_launch_scores_a_pytorch_trained_file(whole_model_files, tmp_path):
   want = np.load(out / "fcn_medium_scores.npy")
   assert got.shape == want.shape == (11,)
   np.testing.assert_allclose(got, want, rtol=1e-4)
-  config = json.load(open(tmp_path / "w" / "config.json"))
+  config = json.load(open(tmp_path / "w" / "runs" / "001-score.json"))
   assert config["init_from"] == str(path)
+  assert not (tmp_path / "w" / "config.json").exists()  # the record of training: none here
 
 
 def test_training_starts_from_a_pytorch_file(whole_model_files, tmp_path):
-  """`init_from` with training: a run at rate 0 checkpoints exactly the file's weights."""
+  """`init_from` with training: a run at a rate too small to move a float32 weight (a rate
+  must be > 0) checkpoints exactly the file's weights."""
   from hw8jax.main import run
 
   out, _ = whole_model_files
   c = quick_config("ta_fcn", str(out / "data"), labels="")
   c.init_from = str(out / "last_model_ta_fcn.pt")
   c.batch_size, c.max_steps = 4, 2
-  c.optimizer.name, c.optimizer.learning_rate = "sgd", 0.0
+  c.optimizer.name, c.optimizer.learning_rate = "sgd", 1e-30
   run(c, str(tmp_path / "w"), "train")
   want = nnx.eval_shape(lambda: models.build("ta_fcn", rngs=nnx.Rngs(0)))
   load_state_dict(want, c.init_from)

@@ -180,26 +180,43 @@ def _launch(workdir, data_dir):
 KILL_RUN_STEPS = 50
 
 
-def test_sigkill_mid_epoch_then_resume_is_bit_identical(synthetic_dir, tmp_path):
+def _wait_for_checkpoint(p, workdir, at_least):
+  latest = os.path.join(workdir, "checkpoints", "latest")
+  deadline = time.time() + 300
+  while time.time() < deadline and p.poll() is None:
+    done = [int(d) for d in os.listdir(latest) if d.isdigit()] if os.path.isdir(latest) else []
+    if done and max(done) >= at_least:
+      return
+    time.sleep(0.02)
+  assert p.poll() is None, "finished before it could be stopped:\n" + p.communicate()[0]
+
+
+def test_sigterm_then_sigkill_mid_epoch_then_resume_is_bit_identical(synthetic_dir, tmp_path):
   """The tiny variant (BatchNorm, PReLU, VAE noise; 8 steps an epoch), launched through
-  launch.py: killed after its step-14 or later checkpoint, mid-epoch, and restarted, it ends
-  bit-identical to an uninterrupted run."""
+  launch.py: stopped by SIGTERM once training is under way (it saves the step it is at and
+  exits 143 with one line), resumed there, then killed by SIGKILL after its step-28 or later
+  checkpoint, mid-epoch, and restarted: it ends bit-identical to an uninterrupted run."""
   whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
   p = _launch(whole, synthetic_dir)
   out = p.communicate(timeout=600)[0]
   assert p.returncode == 0, out
 
   p = _launch(killed, synthetic_dir)
-  latest = os.path.join(killed, "checkpoints", "latest")
-  deadline = time.time() + 300
-  while time.time() < deadline and p.poll() is None:
-    done = [int(d) for d in os.listdir(latest) if d.isdigit()] if os.path.isdir(latest) else []
-    if done and max(done) >= 14:
-      break
-    time.sleep(0.05)
-  assert p.poll() is None, "finished before it could be killed:\n" + p.communicate()[0]
+  _wait_for_checkpoint(p, killed, 7)
+  os.kill(p.pid, signal.SIGTERM)
+  out = p.communicate(timeout=120)[0]
+  assert p.returncode == 143, out
+  last = out.strip().splitlines()[-1]
+  stopped_at = int(last.split()[5])
+  assert last == (f"stopped by SIGTERM at step {stopped_at} of {KILL_RUN_STEPS}; a checkpoint "
+                  f"of step {stopped_at} is saved; run the same command to resume"), out
+  assert _latest_step(killed) == stopped_at
+
+  p = _launch(killed, synthetic_dir)
+  _wait_for_checkpoint(p, killed, 28)
   os.kill(p.pid, signal.SIGKILL)
-  p.wait()
+  out = p.communicate()[0]
+  assert f"resumed from step {stopped_at} of {KILL_RUN_STEPS}" in out
   killed_at = _latest_step(killed)
   assert killed_at is not None and killed_at < KILL_RUN_STEPS and killed_at % 8 != 0, killed_at
 

@@ -27,7 +27,7 @@ def reparameterize(mu: jax.Array, logvar: jax.Array, rngs: nnx.Rngs | None) -> j
   """z = mu + eps * exp(logvar / 2) with eps ~ N(0, 1) from `rngs.noise`; z = mu without rngs."""
   if rngs is None:
     return mu
-  eps = jax.random.normal(rngs.noise(), mu.shape, mu.dtype)
+  eps = layers.normal(rngs, mu.shape, mu.dtype)
   return mu + eps * jnp.exp(0.5 * logvar)
 
 

@@ -29,6 +29,19 @@ tanh = jnp.tanh
 leaky_relu = functools.partial(jax.nn.leaky_relu, negative_slope=0.2)
 
 
+def normal(rngs: nnx.Rngs, shape, dtype=jnp.float32) -> jax.Array:
+  """N(0, 1) noise of `shape` (batch first) from the `noise` stream. When `rngs` also has a
+  `per_image` stream (one key per batch row: the scorer's, keyed by each image's index in its
+  file), row i is drawn from key i alone, so an image's noise does not depend on which batch,
+  or which device, it is scored in."""
+  key = rngs.noise()
+  if "per_image" not in rngs:
+    return jax.random.normal(key, shape, dtype)
+  draw = jax.random.bits(key)  # tells apart the draws of one call
+  rows = jax.vmap(jax.random.fold_in, in_axes=(0, None))(rngs.per_image.key[...], draw)
+  return jax.vmap(lambda k: jax.random.normal(k, shape[1:], dtype))(rows)
+
+
 def torch_bias_init(fan_in: int):
   """U(-1/sqrt(fan_in), 1/sqrt(fan_in)), PyTorch's bias rule; the bound needs the layer's fan-in."""
   bound = 1.0 / math.sqrt(fan_in)

@@ -128,7 +128,7 @@ class ResNetAE(nnx.Module):
     recon = self.decode(z)
     z_noise = z
     if rngs is not None:
-      z_noise = z + NOISE_STD * jax.random.normal(rngs.noise(), z.shape, z.dtype)
+      z_noise = z + NOISE_STD * layers.normal(rngs, z.shape, z.dtype)
     recon_noise = self.decode(z_noise)
     aux = {"z": z, "recon_noise": recon_noise, "logits": self.classifier(recon),
            "logits_noise": self.classifier(recon_noise)}

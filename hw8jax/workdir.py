@@ -1,0 +1,138 @@
+"""What a workdir holds about its runs, and the rules for sharing one between runs.
+
+- `config.json`: the config its checkpoints were trained with, written when training starts on
+  a workdir without checkpoints and never rewritten while checkpoints exist.
+- `runs/NNN-<mode>.json`: the config of every run that started work there, in order.
+- `.lock`: held (flock) by the run working there; the kernel releases it when that process
+  ends in any way, SIGKILL included, so a killed run never blocks the next one.
+
+A run on a workdir that has checkpoints must agree with the newest training record on the keys
+that made them (`config.TRAJECTORY_KEYS` to train on, `config.MODEL_KEYS` to score); the keys a
+user may knowingly change when resuming are opted into with `allow_changes`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import json
+import os
+import socket
+import sys
+
+from hw8jax import checkpoint, report
+from hw8jax import config as config_lib
+from hw8jax.errors import UserError
+
+RECORD = "config.json"
+RUNS = "runs"
+LOCK = ".lock"
+
+
+def check_usable(workdir: str) -> None:
+  """A workdir this run can create or write in, checked without writing anything."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f"--workdir={workdir}: is a file, not a folder")
+  existing = os.path.abspath(workdir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise UserError(f"--workdir={workdir}: cannot be created: {existing} is a file")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    what = "write in it" if existing == os.path.abspath(workdir) else f"create it in {existing}"
+    raise UserError(f"--workdir={workdir}: cannot {what} (permission denied)")
+
+
+def _prepare(workdir: str) -> None:
+  check_usable(workdir)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"--workdir={workdir}: cannot create it ({e.strerror})") from None
+
+
+@contextlib.contextmanager
+def lock(workdir: str):
+  """Hold `workdir` for this run; another run holding it is one line naming its process."""
+  _prepare(workdir)
+  path = os.path.join(workdir, LOCK)
+  try:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  except OSError as e:
+    raise UserError(f"--workdir={workdir}: cannot write in it ({e.strerror})") from None
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+      raise UserError(f"--workdir={workdir} is in use by {holder}; wait for it to finish or "
+                      "use another --workdir") from None
+    stamp = datetime.datetime.now().isoformat(timespec="seconds")
+    holder = f"process {os.getpid()} on {socket.gethostname()} (started {stamp}: " \
+        f"{' '.join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))})"
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, holder.encode(), 0)
+    yield
+  finally:
+    os.close(fd)  # releases the lock
+
+
+def _read(path: str) -> dict | None:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def trained_with(workdir: str) -> dict | None:
+  """The flattened config of the newest training run recorded in `workdir` (None: none)."""
+  runs = os.path.join(workdir, RUNS)
+  names = sorted(os.listdir(runs)) if os.path.isdir(runs) else []
+  for name in reversed(names):
+    if name.endswith(".json") and "train" in name:
+      record = _read(os.path.join(runs, name))
+      if record is not None:
+        return config_lib.flatten_dict(record)
+  record = _read(os.path.join(workdir, RECORD))
+  return config_lib.flatten_dict(record) if record is not None else None
+
+
+def check_agrees(config, workdir: str, mode: str) -> None:
+  """Stop, in one line, a run that would mix its config with the checkpoints already there."""
+  if not (checkpoint.exists(workdir, "latest") or checkpoint.exists(workdir, "best")):
+    return
+  recorded = trained_with(workdir)
+  if recorded is None:
+    return
+  keys = config_lib.MODEL_KEYS if mode == "score" else config_lib.TRAJECTORY_KEYS
+  flat = config_lib.flatten(config)
+  allowed = {k.strip() for k in config.allow_changes.split(",")} if mode != "score" else set()
+  differ = [k for k in keys if k in recorded and recorded[k] != flat[k] and k not in allowed]
+  if not differ:
+    return
+  listing = "; ".join(f"{k} {flat[k]!r} (trained with {recorded[k]!r})" for k in differ)
+  way = "use another --workdir"
+  resumable = [k for k in differ if k in config_lib.RESUMABLE_CHANGES]
+  if resumable and len(resumable) == len(differ):
+    way += f", or continue with --config.allow_changes={','.join(resumable)}"
+  elif mode == "score":
+    way = "score with the config the workdir was trained with (its config.json), or " + way
+  raise UserError(f"--workdir={workdir} holds checkpoints trained with another config: "
+                  f"{listing}. To keep them apart, {way}")
+
+
+def record(config, workdir: str, what: str, fresh: bool = False) -> None:
+  """Write the config of what a run is starting (`train` steps, or `score`) to
+  runs/NNN-<what>.json, and to config.json when training starts afresh (`fresh`: no checkpoint
+  yet). A run that finds its training finished starts no steps and writes no train record, so
+  the newest train record is always one the checkpoints continue from."""
+  runs = os.path.join(workdir, RUNS)
+  os.makedirs(runs, exist_ok=True)
+  numbers = [int(n.split("-")[0]) for n in os.listdir(runs) if n.split("-")[0].isdigit()]
+  content = config.to_dict()
+  report.write_json(os.path.join(runs, f"{max(numbers, default=0) + 1:03d}-{what}.json"),
+                    content)
+  if fresh:
+    report.write_json(os.path.join(workdir, RECORD), content)
