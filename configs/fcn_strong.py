@@ -1,8 +1,7 @@
-"""fcn_strong: the seed's strong baseline. The seed changes only the architecture, so the rest
-is the sample code's recipe (Adam 1e-3, batch 2000, 50 epochs, constant rate, no crop)."""
+"""The fcn_strong recipe (where each value comes from: hw8jax/recipes.py)."""
 
-from hw8jax.config import apply_arg, base_config
+from hw8jax.recipes import get_config as recipe
 
 
 def get_config(arg=None):
-  return apply_arg(base_config("fcn_strong"), arg)
+  return recipe("fcn_strong", arg)

@@ -1,8 +1,7 @@
-"""ta_cnn: the sample code's conv autoencoder (the seed's "simple" baseline), with the sample
-code's recipe (Adam 1e-3, batch 2000, 50 epochs, constant rate, MSE, no crop)."""
+"""The ta_cnn recipe (where each value comes from: hw8jax/recipes.py)."""
 
-from hw8jax.config import apply_arg, base_config
+from hw8jax.recipes import get_config as recipe
 
 
 def get_config(arg=None):
-  return apply_arg(base_config("ta_cnn"), arg)
+  return recipe("ta_cnn", arg)

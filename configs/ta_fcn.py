@@ -1,8 +1,7 @@
-"""ta_fcn: the course sample code's fully connected autoencoder, with its recipe (Adam 1e-3,
-batch 2000, 50 epochs, constant rate, MSE, no crop: all from the sample code)."""
+"""The ta_fcn recipe (where each value comes from: hw8jax/recipes.py)."""
 
-from hw8jax.config import apply_arg, base_config
+from hw8jax.recipes import get_config as recipe
 
 
 def get_config(arg=None):
-  return apply_arg(base_config("ta_fcn"), arg)
+  return recipe("ta_fcn", arg)

@@ -1,3 +1,28 @@
-"""hw8jax: autoencoder anomaly detection on 64x64 faces in JAX/Flax NNX."""
+"""hw8jax: autoencoder anomaly detection on 64x64 faces in JAX/Flax NNX.
+
+  import hw8jax
+  cfg = hw8jax.get_config("fcn_boss", "quick")   # exactly configs/fcn_boss.py:quick
+  cfg.data.dir = "data"
+  record = hw8jax.run(cfg, "runs/x")             # what launch.py does; the eval record or None
+  det = hw8jax.load("runs/x")                    # the trained model of a workdir
+  scores = det.score(images_uint8)               # (N,) float32, as in submission.csv
+
+Importing the package is cheap (config files import it at flag parsing); JAX loads with the
+first use of run or load.
+"""
 
 __version__ = "0.1.0"
+__all__ = ["get_config", "load", "run"]
+
+
+def __getattr__(name):
+  if name == "get_config":
+    from hw8jax.recipes import get_config
+    return get_config
+  if name == "run":
+    from hw8jax.main import run
+    return run
+  if name == "load":
+    from hw8jax.detector import load
+    return load
+  raise AttributeError(f"module 'hw8jax' has no attribute {name!r}")

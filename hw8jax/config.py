@@ -133,17 +133,6 @@ def flatten(c, prefix: str = "") -> dict:
   return out
 
 
-def flatten_dict(d: dict, prefix: str = "") -> dict:
-  """`flatten` for a config read back from JSON."""
-  out = {}
-  for key, value in d.items():
-    if isinstance(value, dict):
-      out.update(flatten_dict(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
 def parse_box(spec: str):
   """(top, left, height, width) of a "top,left,height,width" transform; None for "none" and
   "crop". Raises ValueError saying what is wrong."""

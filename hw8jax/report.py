@@ -10,6 +10,7 @@ import os
 import numpy as np
 
 LABEL_OUTPUTS = ("eval.json", "roc.png")
+SWEEP = (-2.0, -1.0, 1.0, 2.0)  # latent_edits.png: steps of max|z| added to a latent element
 
 
 def _atomic_write_text(path: str, text: str) -> None:
@@ -123,9 +124,10 @@ def plot_roc_and_histogram(path: str, labels: np.ndarray, scores: np.ndarray, au
 
 
 def plot_reconstructions(path: str, images: np.ndarray, recons: np.ndarray, scores: np.ndarray,
-                         title: str):
+                         title: str, labels: list[str] | None = None):
   """Rows: originals, reconstructions, per-pixel squared error (summed over channels, one
-  colour scale for all). Drawn as one image: a grid of 36 matplotlib axes took 1.7 s."""
+  colour scale for all). Each column is titled with its score (and true label, if known).
+  Drawn as one image: a grid of 36 matplotlib axes took 1.7 s."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -145,7 +147,8 @@ def plot_reconstructions(path: str, images: np.ndarray, recons: np.ndarray, scor
   image = ax.imshow(canvas, cmap="magma", vmin=0, vmax=scale)
   image.set_data(canvas)  # RGB; the colour map only feeds the colour bar's scale
   for i in range(n):
-    ax.text(i * (size + gap) + size / 2, -3, f"{scores[i]:.3g}", ha="center", fontsize=8)
+    caption = f"{scores[i]:.3g}" + (f"\n{labels[i]}" if labels else "")
+    ax.text(i * (size + gap) + size / 2, -3, caption, ha="center", fontsize=8)
   ax.set_yticks([(r + 0.5) * size + r * gap for r in range(3)],
                 ["original", "reconstruction", "squared error"], fontsize=8)
   ax.set_xticks([])
@@ -157,14 +160,22 @@ def plot_reconstructions(path: str, images: np.ndarray, recons: np.ndarray, scor
 
 
 def plot_latent_edits(path: str, panels: list[tuple[str, np.ndarray]]):
-  """The report's figure: an image, its reconstruction, and reconstructions of edited latents."""
+  """The report's figure: an image, its reconstruction, and reconstructions of edited latents,
+  2 + len(SWEEP) panels a row (a panel of None is left blank)."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, axes = plt.subplots(1, len(panels), figsize=(2.4 * len(panels), 2.8))
-  for ax, (name, img) in zip(axes, panels, strict=True):
+  columns = 2 + len(SWEEP)
+  rows = -(-len(panels) // columns)
+  fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.5 * rows), squeeze=False)
+  for ax in axes.ravel()[len(panels):]:
+    ax.axis("off")
+  for ax, (name, img) in zip(axes.ravel(), panels, strict=False):
+    ax.axis("off")
+    if img is None:
+      continue
     ax.imshow(_to_display(img))
     ax.set_title(name, fontsize=9)
     ax.axis("off")
@@ -181,22 +192,30 @@ def plot_model_figures(workdir: str, model, transform, inputs, scores: np.ndarra
 
   encode = nnx.jit(lambda m, x: m.encode(x))
   decode = nnx.jit(lambda m, z: m.decode(z))
-  x_all = transform(np.asarray(inputs.test[: min(len(inputs.test), 4096)]))
-  order = np.argsort(scores[: len(x_all)])
+  order = np.argsort(scores, kind="stable")  # over every test image
   picks = np.concatenate([order[-6:][::-1], order[:6]])
-  recon = np.asarray(decode(model, encode(model, x_all[picks])))
-  plot_reconstructions(os.path.join(workdir, "reconstructions.png"), np.asarray(x_all[picks]),
-                       recon, scores[picks],
-                       "most anomalous (left six) and most normal (right six) test images")
-  # The homework's report figure, on a training image (a face the model learned from); the two
-  # largest-magnitude latent elements are doubled, so the change is visible.
+  x = transform(np.asarray(inputs.test[np.sort(picks)]))[np.argsort(np.argsort(picks))]
+  recon = np.asarray(decode(model, encode(model, x)))
+  marks = None if inputs.labels is None else \
+      ["anomaly" if inputs.labels[i] else "normal" for i in picks]
+  plot_reconstructions(os.path.join(workdir, "reconstructions.png"), np.asarray(x), recon,
+                       scores[picks], "most anomalous (left six) and most normal (right six) "
+                       f"of the {len(scores)} test images", marks)
+  # The homework's report figure, on a training image (a face the model learned from): each of
+  # the two largest-magnitude latent elements is swept over z_i + t * max|z| for t in SWEEP, a
+  # range wide enough to see (doubling one element showed nothing in the demo).
   face = transform(np.asarray(inputs.train[:1]))
   z = encode(model, face)
-  flat = np.asarray(z).reshape(-1)
+  flat = np.asarray(z, np.float32).reshape(-1)
   chosen = np.argsort(-np.abs(flat))[:2]
-  latents = np.stack([flat] + [np.where(np.arange(flat.size) == i, 2 * flat, flat)
-                               for i in chosen])
+  span = float(np.abs(flat).max())
+  edits = [(i, t) for i in chosen for t in SWEEP]
+  latents = np.stack([flat] + [np.where(np.arange(flat.size) == i, flat[i] + t * span, flat)
+                               for i, t in edits])
   decoded = np.asarray(decode(model, jax.numpy.asarray(latents.reshape(-1, *z.shape[1:]))))
   panels = [("original", np.asarray(face)[0]), ("reconstruction", decoded[0])]
-  panels += [(f"z[{i}] *= 2", img) for i, img in zip(chosen, decoded[1:], strict=True)]
+  for row, i in enumerate(chosen):  # a row per element; the second starts under the first's
+    sweep = decoded[1 + row * len(SWEEP):1 + (row + 1) * len(SWEEP)]
+    panels += [("", None)] * 2 * row + [(f"z[{i}] {t:+g} max|z|", img)
+                                        for t, img in zip(SWEEP, sweep, strict=True)]
   plot_latent_edits(os.path.join(workdir, "latent_edits.png"), panels)

@@ -232,6 +232,19 @@ def _stop_signals():
       signal.signal(s, h)
 
 
+def _eta(now: float, done: int, num_steps: int, steady, steps_per_s: float) -> float:
+  """Seconds left at the mean pace since the first log (compilation excluded); at the first
+  log, at that interval's pace. Epoch-end evaluation and checkpoints are part of the pace."""
+  if steady is not None and done > steady[1]:
+    steps_per_s = (done - steady[1]) / max(now - steady[0], 1e-9)
+  return (num_steps - done) / max(steps_per_s, 1e-9)
+
+
+def _clock(seconds: float) -> str:
+  seconds = int(round(seconds))
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 def _resume(mngrs, state, iterator, replicated, num_steps: int):
   """The state to continue from (`state` itself when there is no checkpoint; None when the
   newest readable one has reached `num_steps`), from the newest readable latest checkpoint,
@@ -301,7 +314,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_images, test_im
     log(f"training {config.model}: {num_steps} steps ({spe} an epoch), batch "
         f"{config.batch_size}, {jax.device_count()} device(s) [{jax.devices()[0].platform}]")
     with _stop_signals() as stop:
-      last_log, log_step = time.time(), start
+      began = last_log = time.time()
+      log_step, steady = start, None  # steady: (time, step) of the first log, after compiling
       for step in range(start, num_steps):
         batch = jax.make_array_from_process_local_data(batch_sharding,
                                                        next(iterator)["image"])
@@ -314,11 +328,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_images, test_im
           now = time.time()
           _check_loss(loss, done, mngrs)
           rate = (done - log_step) * config.batch_size / max(now - last_log, 1e-9)
+          eta = _eta(now, done, num_steps, steady, rate / config.batch_size)
+          steady = steady or (now, done)
           record = {"step": done, "epoch": done / spe, "loss": loss,
                     "lr": float(schedule(step)), "images_per_s": rate,
+                    "elapsed_s": now - began, "eta_s": eta,
                     **{k: float(v) for k, v in metrics.items() if k != "loss"}}
           log(f"epoch {done / spe:6.2f}  step {done}/{num_steps}  loss {loss:.6g}  "
-              f"lr {record['lr']:.3g}  {rate:.1f} img/s")
+              f"lr {record['lr']:.3g}  {rate:.1f} img/s  elapsed {_clock(now - began)}  "
+              f"eta {_clock(eta)}")
           if runtime.is_main_process():
             _append_jsonl(metrics_path, record)
           last_log, log_step = now, done

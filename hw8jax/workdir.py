@@ -21,6 +21,8 @@ import os
 import socket
 import sys
 
+import ml_collections
+
 from hw8jax import checkpoint, report
 from hw8jax import config as config_lib
 from hw8jax.errors import UserError
@@ -88,15 +90,20 @@ def _read(path: str) -> dict | None:
 
 def trained_with(workdir: str) -> dict | None:
   """The flattened config of the newest training run recorded in `workdir` (None: none)."""
+  record = trained_config(workdir)
+  return config_lib.flatten(record) if record is not None else None
+
+
+def trained_config(workdir: str) -> ml_collections.ConfigDict | None:
+  """The config of the newest training run recorded in `workdir`, as a ConfigDict."""
   runs = os.path.join(workdir, RUNS)
   names = sorted(os.listdir(runs)) if os.path.isdir(runs) else []
-  for name in reversed(names):
-    if name.endswith(".json") and "train" in name:
-      record = _read(os.path.join(runs, name))
-      if record is not None:
-        return config_lib.flatten_dict(record)
-  record = _read(os.path.join(workdir, RECORD))
-  return config_lib.flatten_dict(record) if record is not None else None
+  paths = [os.path.join(runs, n) for n in reversed(names) if n.endswith("-train.json")]
+  for path in [*paths, os.path.join(workdir, RECORD)]:
+    record = _read(path)
+    if record is not None:
+      return ml_collections.ConfigDict(record)
+  return None
 
 
 def check_agrees(config, workdir: str, mode: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -146,6 +147,14 @@ def test_resuming_or_scoring_with_another_config_stops_and_names_each_key(data_d
   workdir = tmp_path / "w"
   first = _train(launch_here, workdir, data_dir)
   assert first.returncode == 0, first.stderr
+  # Progress lines say how long the run has taken and how long it has left.
+  progress = [line for line in first.stdout.splitlines() if line.startswith("epoch ") and
+              " step " in line]
+  assert len(progress) == 10 and all(
+      re.search(r" img/s  elapsed \d+:\d\d:\d\d  eta \d+:\d\d:\d\d$", p) for p in progress)
+  assert progress[-1].endswith("eta 0:00:00")
+  logged = [json.loads(line) for line in open(workdir / "metrics.jsonl") if '"eta_s"' in line]
+  assert len(logged) == 10 and logged[-1]["eta_s"] == 0 and logged[-1]["elapsed_s"] > 0
   record = (workdir / "config.json").read_bytes()
   assert json.loads(record)["batch_size"] == 16
   changed = {

@@ -163,6 +163,7 @@ def test_cli_missing_data_says_where_to_put_it(tmp_path):
   assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
   assert lines[0].startswith(f"error: {tmp_path / 'data'}: no such folder. Put the Kaggle files")
   assert "configs/fcn_boss.py:demo" in lines[0]
+  assert "kaggle competitions download -c ml2022spring-hw8" in lines[0]
 
 
 def test_cli_bad_file_is_one_line_naming_it(tmp_path):

@@ -124,9 +124,10 @@ def open_run_data(config, workdir: str) -> RunData:
     labels_path = labels_path or os.path.join(directory, LABELS_FILE)
   elif not os.path.exists(directory):
     raise UserError(
-        f"{directory}: no such folder. Put the Kaggle files {TRAIN_FILE} and {TEST_FILE} "
-        f"(competition ml2022spring-hw8) in {directory}/ or pass --config.data.dir=DIR; to see "
-        f"the package work without them run: {DEMO_HINT}")
+        f"{directory}: no such folder. Put the Kaggle files {TRAIN_FILE} and {TEST_FILE} in "
+        f"{directory}/ (kaggle competitions download -c ml2022spring-hw8, then unzip "
+        f"ml2022spring-hw8.zip -d {directory}) or pass --config.data.dir=DIR; to see the "
+        f"package work without them run: {DEMO_HINT}")
   train_path = os.path.join(directory, TRAIN_FILE)
   test = open_images(os.path.join(directory, TEST_FILE))
   labels = open_labels(labels_path, len(test)) if labels_path else None

@@ -1,0 +1,76 @@
+"""A trained workdir as a detector in Python: `hw8jax.load(workdir)`, then `score(images)` and
+`reconstruct(images)`. Scores equal those of the workdir's submission.csv for the test images
+in file order (the same scorer, keys and checkpoint)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from hw8jax import checkpoint, data, runtime
+from hw8jax import config as config_lib
+from hw8jax import workdir as workdir_lib
+from hw8jax.errors import UserError
+from hw8jax.score import score_images, scorer_for
+
+
+@dataclasses.dataclass(frozen=True)
+class Detector:
+  """A model restored from a workdir, with the config it was trained with."""
+  config: ml_collections.ConfigDict
+  step: int
+  graphdef: nnx.GraphDef
+  state: tuple  # (params, batch_stats), replicated over `mesh`
+  mesh: jax.sharding.Mesh
+
+  def score(self, images) -> np.ndarray:
+    """(N,) float32 anomaly scores of uint8 images (N, 64, 64, 3); image i's sampling noise is
+    keyed by i, as in a scoring run over a file."""
+    return score_images(scorer_for(self.config, self.graphdef), self.state, _checked(images),
+                        batch_size=self.config.score.batch_size,
+                        key=runtime.run_keys(self.config.seed)["score"], mesh=self.mesh)
+
+  def reconstruct(self, images) -> np.ndarray:
+    """(N, 64, 64, 3) float32 deterministic reconstructions decode(encode(x)) in [-1, 1] of
+    the transformed images (what the model is trained to reproduce)."""
+    local = jax.tree.map(lambda a: a.addressable_data(0), self.state)
+    model = nnx.merge(self.graphdef, *local)
+    transform = data.get_transform(self.config.data.transform)
+    x = _checked(images)
+    out = [np.asarray(_reconstruct(model, transform(x[i:i + 256])))
+           for i in range(0, len(x), 256)]
+    return np.concatenate(out)
+
+
+@nnx.jit
+def _reconstruct(model, x):
+  return model.decode(model.encode(x))
+
+
+def _checked(images) -> np.ndarray:
+  images = np.asarray(images)
+  if images.ndim == 3:
+    images = images[None]
+  if images.ndim != 4 or images.shape[1:] != (64, 64, 3) or images.dtype != np.uint8:
+    raise UserError(f"images: shape {images.shape} dtype {images.dtype}; expected uint8 "
+                    "(N, 64, 64, 3) pixels 0..255, as in testingset.npy")
+  return images
+
+
+def load(workdir: str, which: str = "latest") -> Detector:
+  """The `which` ("latest" or "best") checkpoint of `workdir`, with the config it was trained
+  with, on every device of this process."""
+  if which not in ("latest", "best"):
+    raise UserError(f"which={which!r}: use latest or best")
+  recorded = workdir_lib.trained_config(workdir)
+  if recorded is None:
+    raise UserError(f"{workdir}: no config.json of a training run; train first "
+                    "(hw8jax.run or launch.py)")
+  config_lib.validate(recorded, "score")
+  mesh = runtime.make_mesh()
+  graphdef, state, step = checkpoint.restore_for_scoring(recorded, workdir, which, mesh)
+  return Detector(recorded, int(step), graphdef, state, mesh)

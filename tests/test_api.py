@@ -1,0 +1,112 @@
+"""The Python API (hw8jax.get_config / run / load) from a wheel installed outside the checkout,
+as a notebook on Colab or Kaggle meets it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from hw8jax.data.demo import make_synthetic
+from hw8jax.errors import UserError
+
+from conftest import CONFIGS, REPO
+
+# Every config file and the args it takes (fcn_crops: a crop index, optionally ",quick").
+ARGS = {"fcn_crops": ["0", "1", "2", "1,quick"]}
+PLAIN_ARGS = [None, "quick", "demo"]
+
+SCRIPT = """
+import importlib.util, json, os, sys
+import numpy as np
+import hw8jax
+from hw8jax import report
+
+target, configs, data_dir, workdir = sys.argv[1:5]
+args = json.loads(sys.argv[5])
+assert hw8jax.__file__.startswith(target), hw8jax.__file__  # the wheel, not the checkout
+
+checked = 0
+for name in sorted(os.listdir(configs)):
+  spec = importlib.util.spec_from_file_location(name[:-3], os.path.join(configs, name))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  for arg in args.get(name[:-3], args["*"]):
+    from_file = module.get_config() if arg is None else module.get_config(arg)
+    assert from_file.to_dict() == hw8jax.get_config(name[:-3], arg).to_dict(), (name, arg)
+    checked += 1
+
+cfg = hw8jax.get_config("ta_fcn", "quick")
+cfg.data.dir = data_dir
+cfg.data.test_labels = os.path.join(data_dir, "testing_labels.npy")
+cfg.batch_size, cfg.max_steps, cfg.score.batch_size = 8, 4, 5
+record = hw8jax.run(cfg, workdir)
+test = np.load(os.path.join(data_dir, "testingset.npy"))
+for which in ("latest", "best"):
+  det = hw8jax.load(workdir, which)
+  scores = det.score(test)
+  assert scores.dtype == np.float32 and scores.shape == (len(test),)
+  if which == "latest":
+    written = report.read_submission(os.path.join(workdir, "submission.csv"))
+    assert np.array_equal(scores, written.astype(np.float32)), (scores, written)
+recon = det.reconstruct(test[:3])
+assert recon.shape == (3, 64, 64, 3) and recon.dtype == np.float32
+assert np.abs(recon).max() <= 1.0
+print("checked", checked, "auc", record["auc"], "best step", det.step)
+"""
+
+
+def test_the_api_from_a_wheel_installed_outside_the_checkout(tmp_path):
+  """Recipes from the package equal the config files for every variant and arg; a run from
+  Python writes the workdir launch.py would; `load` scores equal to submission.csv."""
+  source = tmp_path / "source"  # a copy: building in the checkout would write into it
+  source.mkdir()
+  for name in ("pyproject.toml", "README.md"):
+    shutil.copy(os.path.join(REPO, name), source)
+  shutil.copytree(os.path.join(REPO, "hw8jax"), source / "hw8jax",
+                  ignore=shutil.ignore_patterns("__pycache__"))
+  pip = [sys.executable, "-m", "pip", "-q"]
+  subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w",
+                  str(tmp_path / "dist"), str(source)], check=True)
+  wheel = next((tmp_path / "dist").glob("hw8jax-*.whl"))
+  target = tmp_path / "site"
+  subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)],
+                 check=True)
+  data_dir = tmp_path / "data"
+  make_synthetic(data_dir, num_train=16, num_test=11, seed=5)
+  elsewhere = tmp_path / "notebook"
+  elsewhere.mkdir()
+  args = {**ARGS, "*": PLAIN_ARGS}
+  import json
+
+  result = subprocess.run(
+      [sys.executable, "-c", SCRIPT, str(target), CONFIGS, str(data_dir),
+       str(elsewhere / "run"), json.dumps(args)],
+      cwd=elsewhere, capture_output=True, text=True, timeout=600,
+      env={**os.environ, "PYTHONPATH": str(target)})
+  assert result.returncode == 0, result.stdout + result.stderr
+  last = result.stdout.strip().splitlines()[-1]
+  assert last.startswith(f"checked {8 * len(PLAIN_ARGS) + len(ARGS['fcn_crops'])} auc "), last
+  assert int(last.split()[-1]) in (2, 4)  # best: an epoch end (2 steps an epoch)
+
+
+def test_api_mistakes_are_one_line(tmp_path):
+  import hw8jax
+
+  with pytest.raises(UserError, match="recipe 'fcn_huge': use one of ta_fcn, "):
+    hw8jax.get_config("fcn_huge")
+  with pytest.raises(UserError, match=r"no config.json of a training run; train first"):
+    hw8jax.load(str(tmp_path))
+  data_dir = tmp_path / "data"
+  make_synthetic(data_dir, num_train=16, num_test=4, seed=1)
+  cfg = hw8jax.get_config("ta_fcn", "quick")
+  cfg.data.dir, cfg.batch_size, cfg.max_steps = str(data_dir), 8, 2
+  hw8jax.run(cfg, str(tmp_path / "w"), "train")
+  det = hw8jax.load(str(tmp_path / "w"))
+  with pytest.raises(UserError, match=r"images: shape \(2, 64, 64, 3\) dtype float32; expected"):
+    det.score(np.zeros((2, 64, 64, 3), np.float32))
+  assert det.score(np.zeros((64, 64, 3), np.uint8)).shape == (1,)
