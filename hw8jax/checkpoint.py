@@ -1,5 +1,5 @@
 """orbax checkpoints of a run: `latest` (the last `keep`, with the grain iterator) and `best`
-(one, by epoch loss or validation AUC) in separate managers, so keeping the best never deletes a
+(one, by `checkpoint.best_by`) in separate managers, so keeping the best never deletes a
 latest one and vice versa.
 
 Layout: WORKDIR/checkpoints/{latest,best}/<step>/{state,data}. In `latest`, `state` is the whole

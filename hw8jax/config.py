@@ -21,6 +21,7 @@ SCHEDULES = ("constant", "warmup_cosine")
 METRICS = ("l2", "mse", "mae", "topk")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 MATMUL_PRECISIONS = ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
+BEST_BY = ("auto", "val_score", "train_loss", "test_auc")
 IMAGE_SIZE = 64
 
 # What a workdir's checkpoints were made with (see hw8jax.workdir): a run on a workdir that has
@@ -29,7 +30,8 @@ MODEL_KEYS = ("model", "data.transform")
 TRAJECTORY_KEYS = MODEL_KEYS + ("seed", "init_from", "batch_size", "num_epochs", "max_steps",
                                 "optimizer.name", "optimizer.learning_rate",
                                 "optimizer.weight_decay", "schedule.name",
-                                "schedule.warmup_fraction", "compute_dtype")
+                                "schedule.warmup_fraction", "compute_dtype", "data.val_fraction",
+                                "checkpoint.best_by")
 # Keys a resumed run may change when `allow_changes` names them: training longer (or shorter)
 # continues the same trajectory.
 RESUMABLE_CHANGES = ("num_epochs", "max_steps")
@@ -71,11 +73,18 @@ def base_config(model: str) -> ml_collections.ConfigDict:
   c.data.demo = False              # build the bundled demo set into data.dir (default
                                    # <workdir>/demo_data) if missing; labels from it
   c.data.num_threads = 2           # grain reader threads
+  c.data.val_fraction = 0.0        # share of the training images held out (never trained on):
+                                   # their mean anomaly score each epoch picks the best
+                                   # checkpoint; 0, as the originals, trains on all of them
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 100   # latest checkpoint cadence (and at the last step)
   c.checkpoint.keep = 2            # latest checkpoints kept; the best is kept apart
   c.checkpoint.restore = "latest"  # scoring: "latest" (the sample code's) or "best"
+  c.checkpoint.best_by = "auto"    # what picks the best checkpoint: "val_score" (held-out
+                                   # images), "train_loss" (epoch mean), "test_auc" (on the
+                                   # test labels: biased, and eval.json says so); "auto" is
+                                   # val_score with a validation split, else train_loss
 
   c.score = ml_collections.ConfigDict()
   c.score.metric = "l2"            # sample code: sqrt of summed squared error; also "mse",
@@ -218,6 +227,13 @@ def validate(c: ml_collections.ConfigDict, mode: str = "train_and_score") -> Non
   except ValueError as e:
     problems.append(f"data.transform={c.data.transform!r}: {e}")
   at_least("data.num_threads", 0)
+  vf = c.data.val_fraction
+  check("data.val_fraction", math.isfinite(vf) and 0 <= vf < 1, "must be in [0, 1)")
+  choice("checkpoint.best_by", BEST_BY)
+  check("checkpoint.best_by", c.checkpoint.best_by != "val_score" or vf > 0,
+        "needs a validation split (data.val_fraction > 0)")
+  check("checkpoint.best_by", c.checkpoint.best_by != "test_auc" or c.data.test_labels or
+        c.data.demo, "needs test labels (data.test_labels)")
   at_least("checkpoint.every_steps", 1)
   check("checkpoint.keep", c.checkpoint.keep >= 1,
         "must be at least 1 (the latest checkpoint is what a run resumes and scores from)")
@@ -240,6 +256,17 @@ def validate(c: ml_collections.ConfigDict, mode: str = "train_and_score") -> Non
     raise ConfigError("\n".join(problems))
 
 
+def best_by(c: ml_collections.ConfigDict) -> str:
+  """What picks the best checkpoint, "auto" resolved."""
+  if c.checkpoint.best_by != "auto":
+    return c.checkpoint.best_by
+  return "val_score" if c.data.val_fraction > 0 else "train_loss"
+
+
+def num_held_out(num_images: int, val_fraction: float) -> int:
+  return int(round(val_fraction * num_images))
+
+
 def check_run_facts(c: ml_collections.ConfigDict, mode: str, *, num_devices: int,
                     num_train: int, train_path: str) -> None:
   """The keys that depend on the machine and the data, once both are known (and before any
@@ -247,11 +274,16 @@ def check_run_facts(c: ml_collections.ConfigDict, mode: str, *, num_devices: int
   if mode == "score":
     return
   problems = []
+  held_out = num_held_out(num_train, c.data.val_fraction)
+  if c.data.val_fraction > 0 and held_out == 0:
+    problems.append(f"data.val_fraction={c.data.val_fraction}: holds out no image of the "
+                    f"{num_train} in {train_path}")
+  num_train -= held_out
   if c.batch_size % num_devices:
     problems.append(f"batch_size={c.batch_size}: does not split over {num_devices} devices; "
                     f"use a multiple of {num_devices}")
   if c.batch_size > num_train:
     problems.append(f"batch_size={c.batch_size}: larger than the {num_train} training images "
-                    f"in {train_path}")
+                    f"in {train_path}" + (" left after the validation split" if held_out else ""))
   if problems:
     raise ConfigError("\n".join(problems))

@@ -24,6 +24,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from hw8jax import checkpoint, data, models, report, runtime
+from hw8jax import config as config_lib
 from hw8jax import workdir as workdir_lib
 from hw8jax.config import METRICS
 
@@ -159,6 +160,10 @@ def score_run(config, workdir: str, inputs) -> dict | None:
   record = {**report.evaluate(inputs.labels, scores), "checkpoint": config.checkpoint.restore,
             "step": int(step), "model": config.model, "metric": config.score.metric,
             "weights": source}
+  if config.checkpoint.restore == "best" and source.startswith("the best"):
+    record["best_by"] = config_lib.best_by(config)
+    if record["best_by"] == "test_auc":
+      record["best_chosen_on_test_set"] = True  # this AUC is biased upward
   report.write_json(os.path.join(workdir, "eval.json"), record)
   report.print_evaluation(record)
   if record["auc"] is not None:

@@ -28,6 +28,7 @@ import optax
 from flax import nnx
 
 from hw8jax import checkpoint, data, models, report, runtime
+from hw8jax import config as config_lib
 from hw8jax import workdir as workdir_lib
 from hw8jax.errors import Interrupted, UserError
 from hw8jax.losses import loss_fn
@@ -271,8 +272,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_images, test_im
   replicated = runtime.replicated(mesh)
   batch_sharding = runtime.batch_sharded(mesh)
   compute_dtype = runtime.COMPUTE_DTYPES[config.compute_dtype]
-  num_steps = total_steps(config, len(train_images))
-  spe = data.steps_per_epoch(len(train_images), config.batch_size)
+  train_index, val_index = data.validation_split(
+      len(train_images), config_lib.num_held_out(len(train_images), config.data.val_fraction),
+      config.seed)
+  num_steps = total_steps(config, len(train_index))
+  spe = data.steps_per_epoch(len(train_index), config.batch_size)
   schedule = make_schedule(config, num_steps)
   tx = make_optimizer(config, schedule)
   keys = runtime.run_keys(config.seed)
@@ -283,18 +287,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_images, test_im
     transform = data.get_transform(config.data.transform)
     step_fn = jit_train_step(make_train_step(train_def, tx, config.model, transform,
                                              keys["noise"], compute_dtype), mesh)
-    scorer = None
-    if test_labels is not None:
-      reason = report.single_class(test_labels)
-      if reason:
-        log(f"no validation AUC: {reason}; the best checkpoint follows the epoch loss")
-      else:  # validation AUC at each epoch end, and the best checkpoint by it
-        scorer = scorer_for(config, eval_def)
+    evaluation = _epoch_evaluation(config, eval_def, train_images, val_index, test_images,
+                                   test_labels)
 
     shard = data.Shard(jax.process_index(), jax.process_count())
     dataset = data.train_dataset(train_images, batch_size=config.batch_size, seed=config.seed,
                                  num_steps=num_steps, shard=shard,
-                                 num_threads=config.data.num_threads)
+                                 num_threads=config.data.num_threads,
+                                 index=train_index if len(val_index) else None)
     iterator = iter(dataset)
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     fresh = not mngrs["latest"].all_steps()
@@ -341,8 +341,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_images, test_im
             _append_jsonl(metrics_path, record)
           last_log, log_step = now, done
         if end_of_epoch:
-          state = _end_epoch(state, done, spe, scorer, test_images, test_labels, config,
-                             keys["score"], mesh, mngrs, metrics_path)
+          state = _end_epoch(state, done, spe, evaluation, config, keys["score"], mesh, mngrs,
+                             metrics_path)
         saved = done % config.checkpoint.every_steps == 0 or done == num_steps
         if saved or stop.get("signal"):
           _check_loss(float(state["epoch_loss_sum"]), done, mngrs)
@@ -357,20 +357,45 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_images, test_im
       m.close()
 
 
-def _end_epoch(state, done, spe, scorer, test_images, test_labels, config, score_key, mesh,
-               mngrs, metrics_path):
-  """Epoch bookkeeping: mean loss, validation AUC when labels exist, the best checkpoint."""
+def _epoch_evaluation(config, eval_def, train_images, val_index, test_images,
+                      test_labels) -> dict:
+  """What each epoch end measures, and which measure picks the best checkpoint: the mean
+  anomaly score of the held-out training images (a validation split), the test AUC (with
+  two-class labels; reported as what it is, and picking the best only when asked), or the
+  epoch's mean training loss."""
+  val_images = np.asarray(train_images[val_index]) if len(val_index) else None
+  labels_reason = report.single_class(test_labels) if test_labels is not None else None
+  with_labels = test_labels is not None and labels_reason is None
+  best_by = config_lib.best_by(config)
+  if labels_reason:
+    log(f"no test AUC: {labels_reason}" + ("; the best checkpoint follows the epoch loss"
+                                           if best_by == "test_auc" else ""))
+    best_by = "train_loss" if best_by == "test_auc" else best_by
+  if val_images is not None:
+    log(f"validation: {len(val_images)} held-out training images, never trained on")
+  scorer = scorer_for(config, eval_def) if val_images is not None or with_labels else None
+  return {"scorer": scorer, "val_images": val_images, "best_by": best_by,
+          "test_images": test_images if with_labels else None, "test_labels": test_labels}
+
+
+def _end_epoch(state, done, spe, evaluation, config, score_key, mesh, mngrs, metrics_path):
+  """Epoch bookkeeping: mean loss, validation score and test AUC when there is what they need,
+  and the best checkpoint by the measure `evaluation["best_by"]` names."""
   mean_loss = float(state["epoch_loss_sum"]) / spe
   record = {"step": done, "epoch": done // spe, "epoch_mean_loss": mean_loss}
-  if scorer is not None:
+  model_state = (state["params"], state["batch_stats"])
+  if evaluation["val_images"] is not None:
+    scores = score_images(evaluation["scorer"], model_state, evaluation["val_images"],
+                          batch_size=config.score.batch_size, key=score_key, mesh=mesh)
+    record["val_score"] = float(np.mean(scores))
+  if evaluation["test_images"] is not None:
     from sklearn.metrics import roc_auc_score
 
-    scores = score_images(scorer, (state["params"], state["batch_stats"]), test_images,
+    scores = score_images(evaluation["scorer"], model_state, evaluation["test_images"],
                           batch_size=config.score.batch_size, key=score_key, mesh=mesh)
-    record["val_auc"] = float(roc_auc_score(test_labels, scores))
-    quality = record["val_auc"]
-  else:
-    quality = -mean_loss
+    record["test_auc"] = float(roc_auc_score(evaluation["test_labels"], scores))
+  quality = {"val_score": lambda: -record["val_score"], "train_loss": lambda: -mean_loss,
+             "test_auc": lambda: record["test_auc"]}[evaluation["best_by"]]()
   # Host values go back as replicated global arrays (what orbax saves in multi-process runs).
   sharding = state["step"].sharding
   state = dict(state, epoch_loss_sum=jax.device_put(np.float32(0), sharding))
@@ -379,8 +404,9 @@ def _end_epoch(state, done, spe, scorer, test_images, test_labels, config, score
     _save(mngrs, "best", done, checkpoint.model_part(state))
     record["best"] = True
   log(f"epoch {done // spe} done: mean loss {mean_loss:.6g}"
-      + (f", validation AUC {record['val_auc']:.4f}" if "val_auc" in record else "")
-      + (" (best so far)" if record.get("best") else ""))
+      + (f", validation score {record['val_score']:.6g}" if "val_score" in record else "")
+      + (f", test AUC {record['test_auc']:.4f}" if "test_auc" in record else "")
+      + (f" (best so far by {evaluation['best_by']})" if record.get("best") else ""))
   if runtime.is_main_process():
     _append_jsonl(metrics_path, record)
   return state

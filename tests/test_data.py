@@ -169,6 +169,24 @@ def test_each_epoch_sees_each_image_once_reshuffled(n, batch, seed):
   np.testing.assert_array_equal(np.concatenate(again), np.concatenate(batches))
 
 
+def test_held_out_images_never_reach_a_training_batch(seed):
+  """data.val_fraction: a seeded quarter of the images is held out; every training batch of
+  three epochs draws only from the rest, each epoch visiting each of them once; another seed
+  holds out others."""
+  images = _index_images(48)
+  train_index, held = data.validation_split(48, 12, seed)
+  assert len(held) == 12 and len(train_index) == 36
+  assert set(train_index.tolist()) | set(held.tolist()) == set(range(48))
+  spe = data.steps_per_epoch(36, 6)
+  ds = data.train_dataset(images, batch_size=6, seed=seed, num_steps=3 * spe, index=train_index)
+  seen = np.concatenate([_ids(b) for b in ds])
+  assert not set(seen.tolist()) & set(held.tolist())
+  for e in range(3):
+    assert sorted(seen[e * 36:(e + 1) * 36].tolist()) == train_index.tolist()
+  np.testing.assert_array_equal(data.validation_split(48, 12, seed)[1], held)
+  assert not np.array_equal(data.validation_split(48, 12, seed + 1)[1], held)
+
+
 def test_process_shards_partition_each_global_batch(seed):
   images = _index_images(48)
   whole = [_ids(b) for b in data.train_dataset(images, batch_size=12, seed=seed, num_steps=8)]

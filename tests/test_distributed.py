@@ -39,7 +39,7 @@ EIGHT = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   """Workdirs of the same short run (crop transform, 8 steps an epoch) on 1 device, 8 devices
-  and 2 processes; the 8-device run also scores, with labels: validation AUC at each epoch end
+  and 2 processes; the 8-device run also scores, with labels: test AUC at each epoch end
   and the final scores, at a scoring batch of 12, which 8 devices do not divide (rounded up to
   16; it failed at the first epoch end)."""
   root = tmp_path_factory.mktemp("dist")

@@ -363,7 +363,7 @@ def test_single_class_labels_give_valid_json_and_a_best_checkpoint(data_dir, tmp
   result = _train(launch_here, workdir, data_dir, f"--config.data.test_labels={labels}",
                   mode="train_and_score")
   assert result.returncode == 0, result.stderr
-  assert "no validation AUC: the test labels hold only normal images (0)" in result.stdout
+  assert "no test AUC: the test labels hold only normal images (0)" in result.stdout
   assert "ROC AUC undefined: the test labels hold only normal images (0)" in result.stdout
   text = (workdir / "eval.json").read_text()
   record = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in eval.json"))
@@ -371,6 +371,38 @@ def test_single_class_labels_give_valid_json_and_a_best_checkpoint(data_dir, tmp
       record["auc_undefined"]
   assert os.listdir(workdir / "checkpoints" / "best")
   assert not (workdir / "roc.png").exists()
+
+
+# --- honest validation (issue: the test labels picked the best checkpoint)
+
+
+@pytest.mark.parametrize("best_by", ["auto", "test_auc"])
+def test_the_best_checkpoint_follows_the_held_out_images(best_by, data_dir, tmp_path,
+                                                          launch_here):
+  """With a validation split the best checkpoint is the epoch of the lowest mean score of the
+  held-out images; the test AUC is reported as test_auc and picks the best only when asked,
+  which eval.json then says."""
+  workdir = tmp_path / "w"
+  labels = f"--config.data.test_labels={os.path.join(data_dir, 'testing_labels.npy')}"
+  result = _train(launch_here, workdir, data_dir, labels, "--config.data.val_fraction=0.25",
+                  "--config.batch_size=8", "--config.max_steps=12",
+                  f"--config.checkpoint.best_by={best_by}", "--config.checkpoint.restore=best",
+                  mode="train_and_score")
+  assert result.returncode == 0, result.stderr
+  assert "validation: 8 held-out training images, never trained on" in result.stdout
+  epochs = [json.loads(line) for line in open(workdir / "metrics.jsonl")
+            if '"epoch_mean_loss"' in line]
+  assert [r["step"] for r in epochs] == [3, 6, 9, 12]  # 24 training images, batch 8
+  measure = [-r["val_score"] for r in epochs] if best_by == "auto" else \
+      [r["test_auc"] for r in epochs]
+  best_step = epochs[int(np.argmax(measure))]["step"]
+  assert os.listdir(workdir / "checkpoints" / "best") == [str(best_step)]
+  record = json.load(open(workdir / "eval.json"))
+  assert record["step"] == best_step
+  if best_by == "auto":
+    assert record["best_by"] == "val_score" and "best_chosen_on_test_set" not in record
+  else:
+    assert record["best_by"] == "test_auc" and record["best_chosen_on_test_set"] is True
 
 
 # --- 7. honest progress

@@ -94,7 +94,7 @@ def _latest_step(workdir):
 @pytest.mark.parametrize("variant", models.VARIANTS)
 def test_quick_config_trains_every_variant(variant, small_dir, tmp_path):
   """Each original through the whole training path at its real size: 6 steps of batch 8 with
-  a checkpoint at step 4 and the last, and a validation AUC at each of the 3 epoch ends.
+  a checkpoint at step 4 and the last, and a test AUC at each of the 3 epoch ends.
 
   SGD at 1e-5 (multi_encoder's summed error diverges at 1e-3): the subject is the variant in
   the sharded step, its checkpoints and its scorer, not the optimiser. Adam's two moments triple
@@ -112,7 +112,7 @@ def test_quick_config_trains_every_variant(variant, small_dir, tmp_path):
   assert steps == list(range(1, 7)) and all(math.isfinite(r["loss"]) for r in lines
                                              if "loss" in r)
   epochs = [r for r in lines if "epoch_mean_loss" in r]
-  assert len(epochs) == 3 and all(0 <= r["val_auc"] <= 1 for r in epochs)  # 2 steps an epoch
+  assert len(epochs) == 3 and all(0 <= r["test_auc"] <= 1 for r in epochs)  # 2 steps an epoch
   assert json.load(open(os.path.join(workdir, "config.json")))["model"] == variant
 
 

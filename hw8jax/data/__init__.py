@@ -10,11 +10,17 @@ from hw8jax.data.io import (
     open_run_data,
     write_npy_atomic,
 )
-from hw8jax.data.pipeline import Shard, eval_dataset, steps_per_epoch, train_dataset
+from hw8jax.data.pipeline import (
+    Shard,
+    eval_dataset,
+    steps_per_epoch,
+    train_dataset,
+    validation_split,
+)
 from hw8jax.data.transforms import crop, crop_transform, get_transform, normalize
 
 __all__ = [
     "TEST_FILE", "TRAIN_FILE", "DataError", "RunData", "Shard", "crop", "crop_transform",
     "eval_dataset", "get_transform", "normalize", "open_images", "open_labels", "open_run_data",
-    "steps_per_epoch", "train_dataset", "write_npy_atomic",
+    "steps_per_epoch", "train_dataset", "validation_split", "write_npy_atomic",
 ]

@@ -44,28 +44,38 @@ def epoch_permutation(num_images: int, seed: int, epoch: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch]).permutation(num_images)
 
 
+def validation_split(num_images: int, num_held_out: int, seed: int):
+  """(training indices, held-out indices), each sorted: a random `num_held_out` of the images,
+  drawn from the seed (a stream of its own: three entropy words where epochs use two)."""
+  held = np.sort(np.random.default_rng([seed, 0, 1]).permutation(num_images)[:num_held_out])
+  return np.setdiff1d(np.arange(num_images), held), held
+
+
 class _TrainBatch:
   """Picklable batch reader (grain may run it in threads or worker processes)."""
 
-  def __init__(self, images, batch_size: int, seed: int, shard: Shard):
+  def __init__(self, images, batch_size: int, seed: int, shard: Shard, index=None):
     self.images, self.batch_size, self.seed = images, batch_size, seed
+    self.index = np.arange(len(images)) if index is None else np.asarray(index)
     self.rows = shard.rows(batch_size)
-    self.steps = steps_per_epoch(len(images), batch_size)
+    self.steps = steps_per_epoch(len(self.index), batch_size)
 
   def __call__(self, step: int) -> dict:
     epoch, b = divmod(int(step), self.steps)
-    perm = epoch_permutation(len(self.images), self.seed, epoch)
-    idx = perm[b * self.batch_size:(b + 1) * self.batch_size][self.rows]
+    perm = epoch_permutation(len(self.index), self.seed, epoch)
+    idx = self.index[perm[b * self.batch_size:(b + 1) * self.batch_size][self.rows]]
     return {"image": np.asarray(self.images[idx])}
 
 
 def train_dataset(images, *, batch_size: int, seed: int, num_steps: int,
-                  shard: Shard = Shard(), num_threads: int = 2,
-                  prefetch: int = 4) -> grain.IterDataset:
-  """`num_steps` training batches {"image": uint8 (local_batch, 64, 64, 3)} from step 0."""
+                  shard: Shard = Shard(), num_threads: int = 2, prefetch: int = 4,
+                  index=None) -> grain.IterDataset:
+  """`num_steps` training batches {"image": uint8 (local_batch, 64, 64, 3)} from step 0, over
+  the images at `index` (default: all; with all, the batches are what they were before
+  validation splits existed)."""
   read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
   return (grain.MapDataset.range(num_steps)
-          .map(_TrainBatch(images, batch_size, seed, shard))
+          .map(_TrainBatch(images, batch_size, seed, shard, index))
           .to_iter_dataset(read))
 
 
