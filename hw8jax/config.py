@@ -92,6 +92,9 @@ def base_config(model: str) -> ml_collections.ConfigDict:
   c.score.topk = 256               # pixels (x channels) averaged by the "topk" metric
   c.score.sample = True            # VAE parts: score a sampled z, as the sample code; False: mu
   c.score.batch_size = 500         # rounded up to a multiple of the device count
+  c.score.threshold_quantile = 0.95  # predictions.csv: anomalous above this quantile of the
+                                     # scores of normal images the model did not train on
+                                     # (the validation split), else of training images
 
   c.log_every_seconds = 5.0
   c.compute_dtype = "float32"      # "bfloat16": bf16 compute, fp32 params and optimiser
@@ -243,6 +246,8 @@ def validate(c: ml_collections.ConfigDict, mode: str = "train_and_score") -> Non
   check("score.topk", 1 <= c.score.topk <= pixels,
         f"must be between 1 and {pixels} (the pixel-channel values of an image)")
   at_least("score.batch_size", 1)
+  q = c.score.threshold_quantile
+  check("score.threshold_quantile", math.isfinite(q) and 0 < q < 1, "must be in (0, 1)")
   check("log_every_seconds", math.isfinite(c.log_every_seconds) and c.log_every_seconds >= 0,
         "must be a finite number >= 0")
   choice("compute_dtype", COMPUTE_DTYPES)

@@ -132,22 +132,52 @@ def _model_state(config, workdir: str, mesh):
   return eval_def, state, step, f"the {which} checkpoint (step {step})"
 
 
+THRESHOLD_SAMPLE = 2000  # training images scored for the threshold without a validation split
+
+
+def _threshold(config, inputs, scorer, model_state, mesh) -> dict:
+  """The predictions' threshold: the `score.threshold_quantile` quantile of the scores of
+  normal images the model did not train on (the held-out validation images) or, without a
+  validation split, of a seeded sample of up to THRESHOLD_SAMPLE training images."""
+  num_train = len(inputs.train)
+  held = config_lib.num_held_out(num_train, config.data.val_fraction)
+  if held:
+    index = data.validation_split(num_train, held, config.seed)[1]
+    source = f"{len(index)} held-out training images"
+  else:
+    index = np.sort(np.random.default_rng([config.seed, 0, 2]).permutation(num_train)
+                    [:THRESHOLD_SAMPLE])
+    source = f"{len(index)} training images (the model trained on them)"
+  reference = score_images(scorer, model_state, np.asarray(inputs.train[index]),
+                           batch_size=config.score.batch_size,
+                           key=runtime.run_keys(config.seed)["score"], mesh=mesh)
+  q = config.score.threshold_quantile
+  return {"threshold": float(np.quantile(reference, q)), "quantile": q, "from": source}
+
+
 def score_run(config, workdir: str, inputs) -> dict | None:
-  """Score every test image; write submission.csv, scores.npy, figures, and with labels
-  eval.json and roc.png. Returns the eval record (None without labels)."""
+  """Score every test image; write submission.csv, scores.npy, predictions.csv,
+  threshold.json, figures, and with labels eval.json and roc.png. Returns the eval record
+  (None without labels)."""
   mesh = runtime.make_mesh()
   eval_def, model_state, step, source = _model_state(config, workdir, mesh)
   if runtime.is_main_process():
     workdir_lib.record(config, workdir, "score")
-  scores = score_images(scorer_for(config, eval_def), model_state, inputs.test,
-                        batch_size=config.score.batch_size,
+  scorer = scorer_for(config, eval_def)
+  scores = score_images(scorer, model_state, inputs.test, batch_size=config.score.batch_size,
                         key=runtime.run_keys(config.seed)["score"], mesh=mesh)
+  threshold = _threshold(config, inputs, scorer, model_state, mesh)
   if not runtime.is_main_process():
     return None
   csv_path = os.path.join(workdir, "submission.csv")
   report.write_submission(csv_path, scores)
   data.write_npy_atomic(os.path.join(workdir, "scores.npy"), scores)
-  print(f"wrote {csv_path} ({len(scores)} rows) from {source}", flush=True)
+  report.write_predictions(os.path.join(workdir, "predictions.csv"), scores,
+                           threshold["threshold"])
+  report.write_json(os.path.join(workdir, "threshold.json"), threshold)
+  print(f"wrote {csv_path} ({len(scores)} rows) from {source}; predictions.csv: "
+        f"{int(np.sum(scores > threshold['threshold']))} above the threshold "
+        f"{threshold['threshold']:.6g} ({threshold['from']})", flush=True)
   # Figures are small eager computations: on this process's first device, from a local copy of
   # the replicated parameters (whatever mesh they were restored onto).
   local = jax.tree.map(lambda a: jax.device_put(a.addressable_data(0), jax.local_devices()[0]),
@@ -157,9 +187,9 @@ def score_run(config, workdir: str, inputs) -> dict | None:
   if inputs.labels is None:
     report.remove_label_outputs(workdir)  # a previous run's, which no longer describe this one
     return None
-  record = {**report.evaluate(inputs.labels, scores), "checkpoint": config.checkpoint.restore,
-            "step": int(step), "model": config.model, "metric": config.score.metric,
-            "weights": source}
+  record = {**report.evaluate(inputs.labels, scores, threshold["threshold"]),
+            "checkpoint": config.checkpoint.restore, "step": int(step), "model": config.model,
+            "metric": config.score.metric, "weights": source, "threshold_from": threshold}
   if config.checkpoint.restore == "best" and source.startswith("the best"):
     record["best_by"] = config_lib.best_by(config)
     if record["best_by"] == "test_auc":

@@ -337,9 +337,10 @@ def test_scoring_outputs_are_atomic_fresh_and_independent_of_batching(data_dir, 
   first_run = _train(launch_here, workdir, data_dir, labels, mode="train_and_score")
   assert first_run.returncode == 0, first_run.stderr
   outputs = ["submission.csv", "scores.npy", "eval.json", "roc.png", "reconstructions.png",
-             "latent_edits.png"]
+             "latent_edits.png", "predictions.csv", "threshold.json"]
   inodes = {name: os.stat(workdir / name).st_ino for name in outputs}
   first = report.read_submission(str(workdir / "submission.csv"))
+  _check_predictions(workdir, data_dir, first)
   again = _train(launch_here, workdir, data_dir, labels, "--config.score.batch_size=5",
                  mode="score")
   assert again.returncode == 0, again.stderr
@@ -353,6 +354,37 @@ def test_scoring_outputs_are_atomic_fresh_and_independent_of_batching(data_dir, 
   assert not (workdir / "eval.json").exists() and not (workdir / "roc.png").exists()
   assert (workdir / "submission.csv").exists()
   assert not [n for n in os.listdir(workdir) if ".tmp" in n]
+
+
+def _check_predictions(workdir, data_dir, scores):
+  """predictions.csv flags the scores above threshold.json's threshold (the 0.95 quantile of
+  the training images' scores: all 32 here, a sample of 2,000 at most); eval.json's precision,
+  recall and F1 are of those flags, and its F1-best threshold is at least as good."""
+  scores = np.asarray(scores).astype(np.float32)  # the CSV's 9 digits are float32's values
+  threshold = json.load(open(workdir / "threshold.json"))
+  assert threshold["quantile"] == 0.95
+  assert threshold["from"] == "32 training images (the model trained on them)"
+  lines = open(workdir / "predictions.csv").read().splitlines()
+  assert lines[0] == "ID,score,is_anomaly" and len(lines) == 13
+  rows = np.array([[float(v) for v in line.split(",")] for line in lines[1:]])
+  np.testing.assert_array_equal(rows[:, 0], np.arange(12))
+  np.testing.assert_array_equal(rows[:, 1].astype(np.float32), scores)
+  flags = rows[:, 2].astype(bool)
+  np.testing.assert_array_equal(flags, scores > threshold["threshold"])
+  labels = np.load(os.path.join(data_dir, "testing_labels.npy")).astype(bool)
+  record = json.load(open(workdir / "eval.json"))
+  tp = np.sum(flags & labels)
+  precision = tp / max(flags.sum(), 1)
+  recall = tp / labels.sum()
+  assert record["threshold"] == threshold["threshold"]
+  assert record["precision"] == pytest.approx(precision) and \
+      record["recall"] == pytest.approx(recall)
+  f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+  assert record["f1"] == pytest.approx(f1)
+  best = record["f1_best"]
+  best_flags = scores > best["threshold"]
+  assert best["f1"] >= f1 and best["f1"] == pytest.approx(
+      2 * np.sum(best_flags & labels) / (best_flags.sum() + labels.sum()))
 
 
 def test_single_class_labels_give_valid_json_and_a_best_checkpoint(data_dir, tmp_path,

@@ -213,6 +213,25 @@ def test_ensemble_rank_and_zscore(tmp_path, seed):
                str(tmp_path / "o2")]) == 1
 
 
+def test_f1_best_threshold_is_the_best_cut(seed):
+  """Against every distinct threshold, tried one by one, with ties in the scores."""
+  rng = np.random.default_rng(seed)
+  for _ in range(50):
+    n = int(rng.integers(3, 40))
+    labels = rng.integers(0, 2, n)
+    labels[:2] = (0, 1)
+    scores = rng.integers(0, 8, n).astype(np.float32)
+    record = report.evaluate(labels, scores, threshold=float(np.median(scores)))
+    candidates = np.unique(scores)[:-1]
+    f1 = [2 * np.sum((scores > t) & (labels == 1)) / (np.sum(scores > t) + labels.sum())
+          for t in candidates]
+    if not len(candidates):
+      assert "f1_best" not in record
+      continue
+    assert record["f1_best"]["f1"] == pytest.approx(max(f1))
+    assert record["f1_best"]["f1"] >= record["f1"]
+
+
 def test_ensemble_rank_gives_tied_scores_one_rank():
   """Ties share their mean rank whatever their order in the file (an argsort ranked them by
   position: equal scores got different ranks)."""
