@@ -112,19 +112,19 @@ def remove_label_outputs(workdir: str, keep=()) -> None:
       os.remove(path)
 
 
-def _json_safe(value):
+def json_safe(value):
   """Non-finite floats as null: JSON has no NaN, and Python's json would write one."""
   if isinstance(value, float) and not math.isfinite(value):
     return None
   if isinstance(value, dict):
-    return {k: _json_safe(v) for k, v in value.items()}
+    return {k: json_safe(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
-    return [_json_safe(v) for v in value]
+    return [json_safe(v) for v in value]
   return value
 
 
 def write_json(path: str, record: dict) -> None:
-  _atomic_write_text(path, json.dumps(_json_safe(record), indent=2, allow_nan=False) + "\n")
+  _atomic_write_text(path, json.dumps(json_safe(record), indent=2, allow_nan=False) + "\n")
 
 
 def _save_figure(fig, path: str) -> None:
@@ -215,6 +215,38 @@ def plot_latent_edits(path: str, panels: list[tuple[str, np.ndarray]]):
     ax.imshow(_to_display(img))
     ax.set_title(name, fontsize=9)
     ax.axis("off")
+  _save_figure(fig, path)
+  plt.close(fig)
+
+
+def plot_training_curves(metrics_path: str, path: str) -> None:
+  """training_curves.png from metrics.jsonl: the loss at each logged step and each epoch's mean
+  loss; beside it, per epoch, the held-out images' mean score and the test AUC when logged."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  with open(metrics_path) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  steps = [r for r in records if "loss" in r]
+  epochs = [r for r in records if "epoch_mean_loss" in r]
+  measured = [k for k in ("val_score", "test_auc") if any(k in r for r in epochs)]
+  fig, axes = plt.subplots(1, 1 + bool(measured), figsize=(5 + 4.5 * bool(measured), 3.6),
+                           squeeze=False)
+  ax = axes[0, 0]
+  ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8, label="step")
+  ax.plot([r["step"] for r in epochs], [r["epoch_mean_loss"] for r in epochs], "o-", ms=3,
+          label="epoch mean")
+  ax.set(xlabel="step", ylabel="training loss", yscale="log" if all(
+      r["loss"] > 0 for r in steps) else "linear", title="loss")
+  ax.legend()
+  for i, key in enumerate(measured):
+    target = axes[0, 1] if i == 0 else axes[0, 1].twinx()
+    points = [(r["step"], r[key]) for r in epochs if key in r and r[key] is not None]
+    target.plot(*zip(*points, strict=True), "o-", ms=3, color=f"C{i + 2}", label=key)
+    target.set_ylabel(key, color=f"C{i + 2}")
+    axes[0, 1].set(xlabel="step", title="per epoch")
   _save_figure(fig, path)
   plt.close(fig)
 

@@ -13,7 +13,6 @@ at trace time, not every step.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import signal
@@ -27,7 +26,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from hw8jax import checkpoint, data, models, report, runtime
+from hw8jax import checkpoint, data, metrics, models, report, runtime
 from hw8jax import config as config_lib
 from hw8jax import workdir as workdir_lib
 from hw8jax.errors import Interrupted, UserError
@@ -154,30 +153,6 @@ def jit_train_step(step_fn, mesh):
 # --- the run
 
 
-def _append_jsonl(path: str, record: dict) -> None:
-  with open(path, "a") as f:
-    f.write(json.dumps(report._json_safe(record)) + "\n")
-
-
-def _truncate_metrics(path: str, step: int) -> None:
-  """Drop lines a killed run wrote past the checkpoint it resumes from, and a last line it
-  was killed while writing."""
-  if not os.path.exists(path):
-    return
-  keep = []
-  with open(path) as f:
-    for line in f:
-      try:
-        if line.endswith("\n") and json.loads(line).get("step", 0) <= step:
-          keep.append(line)
-      except ValueError:
-        pass
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    f.writelines(keep)
-  os.replace(tmp, path)
-
-
 def _all_finite(tree) -> bool:
   """On the host, from this process's copy of each (replicated) array: orbax copies the state
   to the host to save it anyway, and a compiled check would cost a compilation per state
@@ -281,6 +256,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_images, test_im
   tx = make_optimizer(config, schedule)
   keys = runtime.run_keys(config.seed)
   mngrs = checkpoint.managers(workdir, config.checkpoint.keep)
+  sinks = None
   try:
     train_def, eval_def, params, stats = init_model(config, keys["init"])
     state = jax.device_put(init_state(params, stats, tx), replicated)
@@ -296,7 +272,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_images, test_im
                                  num_threads=config.data.num_threads,
                                  index=train_index if len(val_index) else None)
     iterator = iter(dataset)
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
     fresh = not mngrs["latest"].all_steps()
     state = _resume(mngrs, state, iterator, replicated, num_steps)
     if state is None:
@@ -305,11 +280,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_images, test_im
       workdir_lib.record(config, workdir, "train", fresh=fresh)
     start = int(state["step"])
     if start:
-      if runtime.is_main_process():
-        _truncate_metrics(metrics_path, start)
       log(f"resumed from step {start} of {num_steps} ({workdir})")
-    elif runtime.is_main_process() and os.path.exists(metrics_path):
-      os.remove(metrics_path)  # a run that saved nothing: its lines describe no checkpoint
+    sinks = metrics.open_sinks(workdir, start)
 
     log(f"training {config.model}: {num_steps} steps ({spe} an epoch), batch "
         f"{config.batch_size}, {jax.device_count()} device(s) [{jax.devices()[0].platform}]")
@@ -319,12 +291,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_images, test_im
       for step in range(start, num_steps):
         batch = jax.make_array_from_process_local_data(batch_sharding,
                                                        next(iterator)["image"])
-        state, metrics = step_fn(state, batch)
+        state, out = step_fn(state, batch)
         done = step + 1
         end_of_epoch = done % spe == 0
         if time.time() - last_log >= config.log_every_seconds or done == num_steps or \
             end_of_epoch:
-          loss = float(metrics["loss"])  # waits for this step: the rate counts finished steps
+          loss = float(out["loss"])  # waits for this step: the rate counts finished steps
           now = time.time()
           _check_loss(loss, done, mngrs)
           rate = (done - log_step) * config.batch_size / max(now - last_log, 1e-9)
@@ -333,16 +305,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_images, test_im
           record = {"step": done, "epoch": done / spe, "loss": loss,
                     "lr": float(schedule(step)), "images_per_s": rate,
                     "elapsed_s": now - began, "eta_s": eta,
-                    **{k: float(v) for k, v in metrics.items() if k != "loss"}}
+                    **{k: float(v) for k, v in out.items() if k != "loss"}}
           log(f"epoch {done / spe:6.2f}  step {done}/{num_steps}  loss {loss:.6g}  "
               f"lr {record['lr']:.3g}  {rate:.1f} img/s  elapsed {_clock(now - began)}  "
               f"eta {_clock(eta)}")
-          if runtime.is_main_process():
-            _append_jsonl(metrics_path, record)
+          metrics.write(sinks, record, "train")
           last_log, log_step = now, done
         if end_of_epoch:
           state = _end_epoch(state, done, spe, evaluation, config, keys["score"], mesh, mngrs,
-                             metrics_path)
+                             sinks)
         saved = done % config.checkpoint.every_steps == 0 or done == num_steps
         if saved or stop.get("signal"):
           _check_loss(float(state["epoch_loss_sum"]), done, mngrs)
@@ -350,8 +321,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_images, test_im
         if stop.get("signal") and done < num_steps:
           mngrs["latest"].wait_until_finished()
           raise Interrupted(stop["signal"], done, num_steps)
+    if runtime.is_main_process():
+      report.plot_training_curves(os.path.join(workdir, metrics.METRICS_FILE),
+                                  os.path.join(workdir, "training_curves.png"))
     return state
   finally:
+    metrics.close(sinks)
     for m in mngrs.values():
       m.wait_until_finished()
       m.close()
@@ -375,10 +350,32 @@ def _epoch_evaluation(config, eval_def, train_images, val_index, test_images,
     log(f"validation: {len(val_images)} held-out training images, never trained on")
   scorer = scorer_for(config, eval_def) if val_images is not None or with_labels else None
   return {"scorer": scorer, "val_images": val_images, "best_by": best_by,
-          "test_images": test_images if with_labels else None, "test_labels": test_labels}
+          "test_images": test_images if with_labels else None, "test_labels": test_labels,
+          "grid": _reconstruction_grid(config, eval_def, test_images)}
 
 
-def _end_epoch(state, done, spe, evaluation, config, score_key, mesh, mngrs, metrics_path):
+def _reconstruction_grid(config, eval_def, images, count: int = 8):
+  """(the first `count` test images, fn(model_state, images) -> an (2 * 64, count * 64, 3)
+  image in [0, 1]: originals over their reconstructions), for TensorBoard at each epoch end;
+  None without test images."""
+  if images is None or not len(images):
+    return None
+  transform = data.get_transform(config.data.transform)
+
+  @jax.jit
+  def grid(model_state, x):
+    model = nnx.merge(eval_def, *model_state)
+    shown = transform(x)
+    rows = jnp.stack([shown, model.decode(model.encode(shown))])  # (2, n, 64, 64, 3)
+    rows = rows.transpose(0, 2, 1, 3, 4).reshape(2 * 64, -1, 3)
+    return (rows + 1) / 2
+
+  sample = np.asarray(images[:count])
+  # This process's copy of the (replicated) result: in a multi-process run it is global.
+  return sample, lambda model_state, x: np.asarray(grid(model_state, x).addressable_data(0))
+
+
+def _end_epoch(state, done, spe, evaluation, config, score_key, mesh, mngrs, sinks):
   """Epoch bookkeeping: mean loss, validation score and test AUC when there is what they need,
   and the best checkpoint by the measure `evaluation["best_by"]` names."""
   mean_loss = float(state["epoch_loss_sum"]) / spe
@@ -407,6 +404,8 @@ def _end_epoch(state, done, spe, evaluation, config, score_key, mesh, mngrs, met
       + (f", validation score {record['val_score']:.6g}" if "val_score" in record else "")
       + (f", test AUC {record['test_auc']:.4f}" if "test_auc" in record else "")
       + (f" (best so far by {evaluation['best_by']})" if record.get("best") else ""))
-  if runtime.is_main_process():
-    _append_jsonl(metrics_path, record)
+  metrics.write(sinks, record, "epoch")
+  if evaluation["grid"] is not None:
+    images, reconstruct = evaluation["grid"]
+    metrics.write_image(sinks, "epoch/reconstructions", reconstruct(model_state, images), done)
   return state

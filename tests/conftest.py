@@ -118,6 +118,34 @@ def launch(*flags: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
                           stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
 
 
+def tensorboard_scalars(logdir) -> tuple[dict, dict]:
+  """({tag: {step: value or image}} as TensorBoard shows it, {tag: [steps]} as written) of the
+  event files in `logdir`, read in order. As TensorBoard does, a file that starts a session at
+  step P (tensorboardX's purge_step) hides the earlier files' events from step P on."""
+  import struct
+
+  from tensorboardX.proto import event_pb2
+
+  shown, written = {}, {}
+  for name in sorted(os.listdir(logdir)):
+    with open(os.path.join(logdir, name), "rb") as f:
+      blob = f.read()
+    at = 0
+    while at < len(blob):
+      (length,) = struct.unpack("<Q", blob[at:at + 8])
+      event = event_pb2.Event.FromString(blob[at + 12:at + 12 + length])
+      at += 12 + length + 4  # length, its crc, the record, its crc
+      if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+        for steps in shown.values():
+          for step in [s for s in steps if s >= event.step]:
+            del steps[step]
+      for value in event.summary.value:
+        if value.HasField("simple_value") or value.HasField("image"):
+          shown.setdefault(value.tag, {})[event.step] = value.simple_value or value.image
+          written.setdefault(value.tag, []).append(event.step)
+  return shown, written
+
+
 _LAUNCH_MODULE = []
 
 

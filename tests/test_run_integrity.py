@@ -24,7 +24,7 @@ import pytest
 from hw8jax import report, train
 from hw8jax.data.demo import make_synthetic
 
-from conftest import quick_config
+from conftest import quick_config, tensorboard_scalars
 
 QUICK = ["--config.max_steps=10", "--config.checkpoint.every_steps=5",
          "--config.log_every_seconds=0"]
@@ -153,6 +153,7 @@ def test_resuming_or_scoring_with_another_config_stops_and_names_each_key(data_d
   assert len(progress) == 10 and all(
       re.search(r" img/s  elapsed \d+:\d\d:\d\d  eta \d+:\d\d:\d\d$", p) for p in progress)
   assert progress[-1].endswith("eta 0:00:00")
+  assert (workdir / "training_curves.png").stat().st_size > 10_000
   logged = [json.loads(line) for line in open(workdir / "metrics.jsonl") if '"eta_s"' in line]
   assert len(logged) == 10 and logged[-1]["eta_s"] == 0 and logged[-1]["elapsed_s"] > 0
   record = (workdir / "config.json").read_bytes()
@@ -271,6 +272,18 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(data_dir, tm
   steps = [json.loads(line)["step"] for line in open(workdir / "metrics.jsonl")
            if '"loss"' in line]
   assert steps == list(range(1, 11))
+  # TensorBoard shows each step once: the resumed run's events replace the killed run's past
+  # step 5, which are still in the first run's file.
+  shown, written = tensorboard_scalars(workdir / "tensorboard")
+  assert sorted(shown["train/loss"]) == list(range(1, 11))
+  assert sorted(written["train/loss"]) == sorted([*range(1, 11), *range(6, 11)])
+  assert sorted(shown["epoch/epoch_mean_loss"]) == [2, 4, 6, 8, 10]
+  grids = shown["epoch/reconstructions"]  # originals over reconstructions, 8 test images
+  assert sorted(grids) == [2, 4, 6, 8, 10]
+  assert (grids[10].height, grids[10].width) == (128, 512)
+  losses = {json.loads(line)["step"]: json.loads(line)["loss"]
+            for line in open(workdir / "metrics.jsonl") if '"loss"' in line}
+  assert all(shown["train/loss"][s] == pytest.approx(losses[s], rel=1e-6) for s in losses)
   # Nothing readable left: one line.
   for step in ("5", "10"):
     _damage(str(latest / step))

@@ -1,0 +1,75 @@
+"""Where training's numbers go: metrics.jsonl (a line per progress report and per epoch end) and
+TensorBoard events under tensorboard/ (`tensorboard --logdir runs/`), both written by process 0.
+A resumed run drops what a killed run wrote past its checkpoint: lines from metrics.jsonl, and
+events through TensorBoard's purge step (TensorBoard hides the older files' events from that step
+on when it reads them)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from hw8jax import report, runtime
+
+METRICS_FILE = "metrics.jsonl"
+EVENTS_DIR = "tensorboard"
+# Keys of a record that are bookkeeping, not a curve.
+_NOT_PLOTTED = ("step", "epoch", "best", "elapsed_s", "eta_s")
+
+
+def open_sinks(workdir: str, start_step: int) -> dict | None:
+  """The sinks of a run continuing from `start_step` (0: afresh); None off process 0."""
+  if not runtime.is_main_process():
+    return None
+  from tensorboardX import SummaryWriter
+
+  path = os.path.join(workdir, METRICS_FILE)
+  _truncate(path, start_step)
+  # One file per run (a name of its own: two runs within a second would share one otherwise).
+  # TensorBoard hides events at steps >= the purge step; this run logs from start_step + 1.
+  writer = SummaryWriter(logdir=os.path.join(workdir, EVENTS_DIR), purge_step=start_step + 1,
+                         flush_secs=10, filename_suffix=f".{os.getpid()}.from{start_step}")
+  return {"path": path, "writer": writer}
+
+
+def write(sinks: dict | None, record: dict, group: str) -> None:
+  """Append `record` to metrics.jsonl and its numbers to TensorBoard as `group/<key>`."""
+  if sinks is None:
+    return
+  with open(sinks["path"], "a") as f:
+    f.write(json.dumps(report.json_safe(record)) + "\n")
+  for key, value in record.items():
+    if key not in _NOT_PLOTTED and isinstance(value, (int, float)) and np.isfinite(value):
+      sinks["writer"].add_scalar(f"{group}/{key}", value, record["step"])
+
+
+def write_image(sinks: dict | None, tag: str, image: np.ndarray, step: int) -> None:
+  """An (H, W, 3) image in [0, 1]."""
+  if sinks is not None:
+    sinks["writer"].add_image(tag, np.clip(image, 0, 1), step, dataformats="HWC")
+
+
+def close(sinks: dict | None) -> None:
+  if sinks is not None:
+    sinks["writer"].close()
+
+
+def _truncate(path: str, step: int) -> None:
+  """Keep the lines of steps up to `step` (none when starting afresh: a run that saved nothing
+  describes no checkpoint), dropping a last line a kill cut short."""
+  if not os.path.exists(path):
+    return
+  keep = []
+  with open(path) as f:
+    for line in f:
+      try:
+        if step and line.endswith("\n") and json.loads(line).get("step", 0) <= step:
+          keep.append(line)
+      except ValueError:
+        pass
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    f.writelines(keep)
+  os.replace(tmp, path)
