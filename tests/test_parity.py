@@ -138,8 +138,8 @@ def test_eval_reconstruction_matches_torch(variant, seed):
 # double (at::acc_type), XLA's autodiff sums in float32. So the bound also adds twice hw8jax's
 # own measured float32 rounding (for the deterministic variants), capped at 1e-2: the float32
 # check there is that both sides are within their own float32 rounding of the same float64
-# gradient. (An open fidelity gap: a
-# float32 BatchNorm with compensated or wider batch sums would close it.)
+# gradient. (An open fidelity gap: a float32 BatchNorm with compensated or wider batch sums
+# would close it.)
 GRAD_RTOL = {"multi_encoder": 5e-2, "resnet_boss": 5e-2}
 
 
