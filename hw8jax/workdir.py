@@ -101,9 +101,22 @@ def trained_config(workdir: str) -> ml_collections.ConfigDict | None:
   paths = [os.path.join(runs, n) for n in reversed(names) if n.endswith("-train.json")]
   for path in [*paths, os.path.join(workdir, RECORD)]:
     record = _read(path)
-    if record is not None:
-      return ml_collections.ConfigDict(record)
+    if isinstance(record, dict) and isinstance(record.get("model"), str):
+      # On today's defaults: a record written before a key existed gets the key's default.
+      config = config_lib.base_config(record["model"])
+      known = config_lib.flatten(config)
+      config.update_from_flattened_dict({k: v for k, v in _flatten(record).items()
+                                         if k in known})
+      return config
   return None
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in d.items():
+    out.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict)
+               else {f"{prefix}{key}": value})
+  return out
 
 
 def check_agrees(config, workdir: str, mode: str) -> None:

@@ -110,3 +110,14 @@ def test_api_mistakes_are_one_line(tmp_path):
   with pytest.raises(UserError, match=r"images: shape \(2, 64, 64, 3\) dtype float32; expected"):
     det.score(np.zeros((2, 64, 64, 3), np.float32))
   assert det.score(np.zeros((64, 64, 3), np.uint8)).shape == (1,)
+  # A workdir written before data.val_fraction existed loads with that key's default.
+  import json
+
+  for path in [tmp_path / "w" / "config.json", *(tmp_path / "w" / "runs").glob("*.json")]:
+    record = json.loads(path.read_text())
+    del record["data"]["val_fraction"]
+    path.write_text(json.dumps(record))
+  old = hw8jax.load(str(tmp_path / "w"))
+  assert old.config.data.val_fraction == 0.0 and old.config.batch_size == 8
+  np.testing.assert_array_equal(old.score(np.zeros((2, 64, 64, 3), np.uint8)),
+                                det.score(np.zeros((2, 64, 64, 3), np.uint8)))
