@@ -39,16 +39,11 @@ def check_writable(workdir: str) -> None:
       raise UserError(f"{folder}: cannot write checkpoints there ({e.strerror})") from None
 
 
-def steps(workdir: str, which: str = "latest") -> list[int]:
-  """The steps of a workdir's finished `which` checkpoints, from their folders' names (orbax
+def exists(workdir: str, which: str = "latest") -> bool:
+  """Whether a workdir holds a finished `which` checkpoint, from its folders' names (orbax
   writes into a temporary name and renames it to the step when done)."""
   folder = os.path.join(os.path.abspath(workdir), "checkpoints", which)
-  return sorted(int(d) for d in os.listdir(folder) if d.isdigit()) if os.path.isdir(folder) \
-      else []
-
-
-def exists(workdir: str, which: str = "latest") -> bool:
-  return bool(steps(workdir, which))
+  return os.path.isdir(folder) and any(d.isdigit() for d in os.listdir(folder))
 
 
 def managers(workdir: str, keep: int) -> dict[str, ocp.CheckpointManager]:

@@ -135,10 +135,11 @@ def apply_arg(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.C
 
 
 def flatten(c, prefix: str = "") -> dict:
-  """{"data.transform": "crop", ...}: every leaf key of a config, dotted."""
+  """{"data.transform": "crop", ...}: every leaf key of a config (or of one read back from
+  JSON), dotted."""
   out = {}
   for key, value in c.items():
-    if isinstance(value, ml_collections.ConfigDict):
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
       out.update(flatten(value, f"{prefix}{key}."))
     else:
       out[f"{prefix}{key}"] = value

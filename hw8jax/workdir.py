@@ -47,7 +47,6 @@ def check_usable(workdir: str) -> None:
 
 
 def _prepare(workdir: str) -> None:
-  check_usable(workdir)
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
@@ -56,7 +55,8 @@ def _prepare(workdir: str) -> None:
 
 @contextlib.contextmanager
 def lock(workdir: str):
-  """Hold `workdir` for this run; another run holding it is one line naming its process."""
+  """Hold `workdir` (checked by `check_usable` first) for this run; another run holding it is
+  one line naming its process."""
   _prepare(workdir)
   path = os.path.join(workdir, LOCK)
   try:
@@ -105,18 +105,11 @@ def trained_config(workdir: str) -> ml_collections.ConfigDict | None:
       # On today's defaults: a record written before a key existed gets the key's default.
       config = config_lib.base_config(record["model"])
       known = config_lib.flatten(config)
-      config.update_from_flattened_dict({k: v for k, v in _flatten(record).items()
+      config.update_from_flattened_dict({k: v for k, v in config_lib.flatten(record).items()
                                          if k in known})
       return config
   return None
 
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for key, value in d.items():
-    out.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict)
-               else {f"{prefix}{key}": value})
-  return out
 
 
 def check_agrees(config, workdir: str, mode: str) -> None:
