@@ -135,6 +135,7 @@ def restore_for_scoring(config, workdir: str, which: str, mesh):
   """(eval graphdef, (params, batch_stats), step) from a workdir's newest readable `which`
   checkpoint, replicated over `mesh` whatever device count wrote it."""
   abstract_model = nnx.eval_shape(lambda: models.build(config.model, rngs=nnx.Rngs(0)))
+  models.set_fast_paths(abstract_model, config.cpu_fast_paths)
   abstract_model.eval()
   eval_def, params, stats = nnx.split(abstract_model, nnx.Param, nnx.BatchStat)
   target = abstract({"params": params, "batch_stats": stats}, runtime.replicated(mesh))

@@ -20,6 +20,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "warmup_cosine")
 METRICS = ("l2", "mse", "mae", "topk")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+CPU_FAST_PATHS = ("auto", "on", "off")  # hw8jax.runtime.cpu_fast_paths
 MATMUL_PRECISIONS = ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
 BEST_BY = ("auto", "val_score", "train_loss", "test_auc")
 IMAGE_SIZE = 64
@@ -100,6 +101,8 @@ def base_config(model: str) -> ml_collections.ConfigDict:
   c.compute_dtype = "float32"      # "bfloat16": bf16 compute, fp32 params and optimiser
   c.matmul_precision = "highest"   # float32 matmuls in full float32 on GPUs too (not TF32);
                                    # "default" lets XLA use TF32 / bf16 passes
+  c.cpu_fast_paths = "auto"        # hw8jax's CPU-tuned conv forms and scorer compilation:
+                                   # "auto" on CPU only, "on" / "off" on every backend
   c.coordinator_address = ""       # host:port to run multi-process (jax.distributed)
   c.num_processes = 1
   c.process_id = 0
@@ -253,6 +256,7 @@ def validate(c: ml_collections.ConfigDict, mode: str = "train_and_score") -> Non
         "must be a finite number >= 0")
   choice("compute_dtype", COMPUTE_DTYPES)
   choice("matmul_precision", MATMUL_PRECISIONS)
+  choice("cpu_fast_paths", CPU_FAST_PATHS)
   at_least("num_processes", 1)
   check("process_id", 0 <= c.process_id < c.num_processes,
         f"must be in [0, num_processes={c.num_processes})")

@@ -8,7 +8,27 @@ import os
 import jax
 import jax.numpy as jnp
 
+from hw8jax.config import CPU_FAST_PATHS
+
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def cpu_fast_paths(setting: str) -> bool:
+  """Whether hw8jax's CPU-tuned paths run under the `cpu_fast_paths` setting ("auto": on the
+  CPU backend only; "on"; "off": XLA's own forms and compiler defaults everywhere)."""
+  if setting not in CPU_FAST_PATHS:
+    raise ValueError(f"cpu_fast_paths {setting!r}: use one of {', '.join(CPU_FAST_PATHS)}")
+  return setting == "on" or (setting == "auto" and jax.default_backend() == "cpu")
+
+
+def scorer_compiler_options(setting: str) -> dict:
+  """XLA options for compiling the scorer. On CPU, XLA hands whole forward passes with their
+  reductions to YNNPACK as one library fusion, which ran fcn_strong's scorer at half the speed of
+  letting YNNPACK take only the single dots and convs (docs/performance.md)."""
+  if not cpu_fast_paths(setting) or jax.default_backend() != "cpu":
+    return {}
+  return {"xla_cpu_experimental_ynn_fusion_type":
+          "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
 
 
 def init_distributed(config) -> None:

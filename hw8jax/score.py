@@ -45,13 +45,13 @@ def image_error(recon: jax.Array, x: jax.Array, metric: str, topk: int = 256) ->
 
 def make_scorer(graphdef, *, metric: str = "l2", topk: int = 256, sample: bool = True,
                 stochastic: bool = True, transform=data.normalize,
-                compute_dtype=jnp.float32):
+                compute_dtype=jnp.float32, fast_paths: str = "auto"):
   """jit(fn(model_state, images_uint8, index, key) -> (B,) float32 scores).
 
   `graphdef` must be of a model in eval mode; `model_state` is its (params, batch_stats);
   `index` holds each image's index in its file. With `sample`, image i's noise is keyed by
   fold_in(key, i) (`models.layers.normal`); `stochastic=False` (a model that draws no noise)
-  skips the keys.
+  skips the keys. `fast_paths` is the `cpu_fast_paths` setting (it chooses XLA's options).
   """
   image_error(jnp.zeros((1,)), jnp.zeros((1,)), metric, 1)  # fail early on a bad metric
 
@@ -63,7 +63,7 @@ def make_scorer(graphdef, *, metric: str = "l2", topk: int = 256, sample: bool =
     per_image = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, index)
     return model(x, rngs=nnx.Rngs(noise=key, per_image=per_image))[0]
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=runtime.scorer_compiler_options(fast_paths))
   def score(model_state, images, index, key):
     params, stats = model_state
     model = nnx.merge(graphdef, jax.tree.map(lambda p: p.astype(compute_dtype), params), stats)
@@ -81,7 +81,8 @@ def scorer_for(config, eval_def):
                      sample=config.score.sample,
                      stochastic=config.model in models.STOCHASTIC,
                      transform=data.get_transform(config.data.transform),
-                     compute_dtype=runtime.COMPUTE_DTYPES[config.compute_dtype])
+                     compute_dtype=runtime.COMPUTE_DTYPES[config.compute_dtype],
+                     fast_paths=config.cpu_fast_paths)
 
 
 def score_images(scorer, model_state, images, *, batch_size: int, key,

@@ -92,6 +92,7 @@ def init_model(config, key: jax.Array):
     model = load_torch_weights(config.model, config.init_from)
   else:
     model = models.build(config.model, rngs=nnx.Rngs(params=key))
+  models.set_fast_paths(model, config.cpu_fast_paths)
   model.train()
   train_def, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   model.eval()

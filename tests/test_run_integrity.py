@@ -69,6 +69,8 @@ MISTAKES = {
               "compute_dtype='float16': use one of float32, bfloat16"),
     "seed": (["--config.seed=-1"], "seed=-1: must be between 0 and 2**32 - 1"),
     "precision": (["--config.matmul_precision=bogus"], "matmul_precision='bogus': use one of"),
+    "fast paths": (["--config.cpu_fast_paths=fast"],
+                   "cpu_fast_paths='fast': use one of auto, on, off"),
     "topk zero": (["--config.score.topk=0"], "score.topk=0: must be between 1 and 12288"),
     "topk over": (["--config.score.topk=20000"], "score.topk=20000: must be between 1 and"),
     "score batch zero": (["--config.score.batch_size=0"], "score.batch_size=0: must be at least"),

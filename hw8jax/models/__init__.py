@@ -11,7 +11,8 @@ from collections.abc import Callable
 
 from flax import nnx
 
-from hw8jax import losses
+from hw8jax import losses, runtime
+from hw8jax.models import layers
 from hw8jax.models.cnn import ta_cnn, ta_vae
 from hw8jax.models.fcn import fcn_boss, fcn_medium, fcn_strong, ta_fcn
 from hw8jax.models.multi_encoder import multi_encoder
@@ -53,3 +54,13 @@ def build(name: str, *, rngs: nnx.Rngs) -> nnx.Module:
   if name not in REGISTRY:
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(REGISTRY)}")
   return REGISTRY[name](rngs=rngs)
+
+
+def set_fast_paths(model: nnx.Module, setting: str) -> None:
+  """Every conv of `model` follows the `cpu_fast_paths` setting ("auto", "on" or "off";
+  `hw8jax.models.convolution`). A static attribute, so a function jitted with one setting is
+  not reused for another."""
+  runtime.cpu_fast_paths(setting)  # checks the name
+  for _, module in nnx.iter_modules(model):
+    if isinstance(module, (layers.Conv, layers.ConvTranspose)):
+      module.fast_paths = setting

@@ -19,6 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from hw8jax import runtime
+from hw8jax.models import convolution
+
 # PyTorch's kaiming_uniform_(a=sqrt(5)) is U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 torch_kernel_init = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 # torchvision's ResNet convs: kaiming_normal_(mode="fan_out", nonlinearity="relu").
@@ -70,12 +73,27 @@ class Linear(nnx.Linear):
 
 
 def conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1, padding: int = 0, *,
-         rngs: nnx.Rngs, bias: bool = True, kernel_init=torch_kernel_init) -> nnx.Conv:
+         rngs: nnx.Rngs, bias: bool = True, kernel_init=torch_kernel_init) -> Conv:
   """`nn.Conv2d(in_ch, out_ch, kernel, stride, padding)` on NHWC arrays."""
-  return nnx.Conv(in_ch, out_ch, (kernel, kernel), strides=stride,
-                  padding=((padding, padding), (padding, padding)), use_bias=bias,
-                  kernel_init=kernel_init, bias_init=torch_bias_init(in_ch * kernel * kernel),
-                  rngs=rngs)
+  return Conv(in_ch, out_ch, (kernel, kernel), strides=stride,
+              padding=((padding, padding), (padding, padding)), use_bias=bias,
+              kernel_init=kernel_init, bias_init=torch_bias_init(in_ch * kernel * kernel),
+              rngs=rngs)
+
+
+class Conv(nnx.Conv):
+  """`nnx.Conv` computed in the form `hw8jax.models.convolution` picks for its shape (same
+  parameters; the same sums up to float rounding). `fast_paths` is the run's `cpu_fast_paths`
+  (`models.set_fast_paths` sets it on every conv of a model)."""
+
+  fast_paths = "auto"
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    bias = self.bias[...] if self.bias is not None else None
+    x, kernel, bias = self.promote_dtype((inputs, self.kernel[...], bias), dtype=self.dtype)
+    y = convolution.conv2d(x, kernel, self.strides, self.padding[0], self.fast_paths,
+                           self.precision)
+    return y if bias is None else y + bias
 
 
 def conv_transpose(in_ch: int, out_ch: int, kernel: int = 4, stride: int = 2, padding: int = 1,
@@ -96,8 +114,12 @@ class ConvTranspose(nnx.ConvTranspose):
   such convs; on CPU that made them 5x to 7x slower than PyTorch's (docs/performance.md). Output
   phase (a, b) of each input pixel depends on a small window of undilated input pixels, so one
   stride-1 conv with stride**2 * out_ch output channels, followed by a pixel shuffle, computes
-  the same sums with no zeros. Same parameters, same result up to float rounding.
+  the same sums with no zeros (its stride-1 conv in `convolution`'s form for its shape). Same
+  parameters, same result up to float rounding. Where `fast_paths` (the run's `cpu_fast_paths`)
+  is off, it runs XLA's transposed conv.
   """
+
+  fast_paths = "auto"
 
   def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int, padding: int, *,
                rngs: nnx.Rngs):
@@ -110,7 +132,7 @@ class ConvTranspose(nnx.ConvTranspose):
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
     plan = self._subpixel_plan()
-    if plan is None:
+    if plan is None or not runtime.cpu_fast_paths(self.fast_paths):
       return super().__call__(inputs)
     taps, lo, hi = plan
     x, kernel, bias = self.promote_dtype((inputs, self.kernel[...], self.bias[...]),
@@ -118,17 +140,7 @@ class ConvTranspose(nnx.ConvTranspose):
     s, out_ch = self.strides, kernel.shape[2]
     k = subpixel_kernel(kernel, s, self.torch_padding, taps)
     b, h, w, _ = x.shape
-    if min(h, w) <= 2:
-      # XLA's CPU conv is pathological when the window is larger than the image (resnet_boss's
-      # 512->256 on 2x2: 1.4 s forward+backward at batch 32), a matmul on patches is not (0.1 s).
-      xp = jnp.pad(x, ((0, 0), (lo, hi), (lo, hi), (0, 0)))
-      patches = jnp.concatenate([xp[:, i:i + h, j:j + w] for i in range(taps)
-                                 for j in range(taps)], axis=-1)
-      y = jnp.dot(patches, k.reshape(-1, k.shape[-1]), precision=self.precision)
-    else:
-      y = jax.lax.conv_general_dilated(
-          x, k, (1, 1), ((lo, hi), (lo, hi)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
-          precision=self.precision)
+    y = convolution.conv2d(x, k, 1, (lo, hi), self.fast_paths, self.precision)
     y = y.reshape(b, h, w, s, s, out_ch).transpose(0, 1, 3, 2, 4, 5)
     shape = (b, h * s, w * s, out_ch)
     sharding = jax.typeof(y).sharding
