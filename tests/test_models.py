@@ -230,3 +230,23 @@ def test_subpixel_transposed_conv_matches_xla(kernel, stride, padding, size, see
   for a, b in zip(ours, xla, strict=True):
     assert a.shape == b.shape
     assert float(jnp.linalg.norm(a - b)) <= 1e-5 * float(jnp.linalg.norm(b))
+
+
+def test_max_pool_and_its_gradient_match_torch_with_ties(seed):
+  """layers.max_pool_3x3_s2 (nine strided windows, a custom gradient) against PyTorch's
+  MaxPool2d(3, 2, 1): outputs equal, and with many tied maxima (small integers, as after a ReLU
+  many zeros) each window's gradient goes to its first maximum in row-major order. Odd and even
+  sizes. Tolerance 1e-6: overlapping windows add their shares in another order."""
+  torch = require_torch()
+  rng = np.random.default_rng(seed)
+  for shape in [(2, 8, 8, 3), (2, 7, 9, 4)]:
+    x = rng.integers(-1, 3, size=shape).astype(np.float32)
+    g = rng.normal(size=(shape[0], (shape[1] + 1) // 2, (shape[2] + 1) // 2, shape[3]))
+    g = g.astype(np.float32)
+    y, vjp = jax.vjp(layers.max_pool_3x3_s2, jnp.asarray(x))
+    (dx,) = vjp(jnp.asarray(g))
+    xt = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
+    yt = torch.nn.functional.max_pool2d(xt, 3, 2, 1)
+    yt.backward(torch.from_numpy(np.ascontiguousarray(g.transpose(0, 3, 1, 2))))
+    np.testing.assert_array_equal(np.asarray(y), yt.detach().numpy().transpose(0, 2, 3, 1))
+    np.testing.assert_allclose(np.asarray(dx), xt.grad.numpy().transpose(0, 2, 3, 1), atol=1e-6)
