@@ -6,8 +6,11 @@ per-image error), timed alternately in one process after warm-up; medians and th
 hw8jax / PyTorch. Then one fcn_boss epoch with the crop transform end to end: hw8jax's grain
 pipeline with the transform in the step, against the seed's pipeline (a torch DataLoader whose
 Dataset applies the transform to one image at a time, as torchvision's Resize on a tensor does).
+Last, the fixed cost of a whole fcn_boss training process (launch.py in a subprocess) against a
+PyTorch script doing the same work, with XLA's compilation cache empty and then filled.
+Scoring runs at score.batch_size (500), the batch a scoring run uses.
 
-  python bench/compare_torch.py --quick          # under 10 minutes on a 2-core CPU
+  python bench/compare_torch.py --quick          # about 10 minutes on a 2-core CPU
   python bench/compare_torch.py --batch=2000 --epoch_images=100000
 
 Needs torch (the test extra). The PyTorch originals are the test suite's references
@@ -18,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
+import re
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -32,12 +37,14 @@ from flax import nnx
 
 from hw8jax import config as config_lib
 from hw8jax import data, models, train
-from hw8jax.data.demo import synthetic_images
+from hw8jax.data.demo import make_demo, synthetic_images
 from hw8jax.score import make_scorer
 from hw8jax.torch_import import load_state_dict
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "tests"))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+import timing  # noqa: E402
+
 import torch_reference  # noqa: E402
 
 
@@ -47,21 +54,7 @@ def abstract_model(variant: str) -> nnx.Module:
 
 
 def machine() -> str:
-  return (f"{platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__} on "
-          f"{jax.devices()[0].device_kind}; torch {torch.__version__} with "
-          f"{torch.get_num_threads()} threads")
-
-
-def alternate(fns, reps: int, warmup: int = 2) -> list[float]:
-  """Median seconds of each fn, calling them in turn `warmup + reps` times."""
-  times = [[] for _ in fns]
-  for r in range(warmup + reps):
-    for i, fn in enumerate(fns):
-      t = time.perf_counter()
-      fn()
-      if r >= warmup:
-        times[i].append(time.perf_counter() - t)
-  return [statistics.median(t) for t in times]
+  return f"{timing.machine()}; torch {torch.__version__} with {torch.get_num_threads()} threads"
 
 
 def nchw(x) -> torch.Tensor:
@@ -96,7 +89,7 @@ def bench_variant(variant: str, batch: int, score_batch: int, reps: int):
     loss.backward()
     opt.step()
 
-  t_jax, t_torch = alternate([jax_train, torch_train], reps)
+  t_jax, t_torch = timing.alternate([jax_train, torch_train], reps)
   train_row = (batch / t_jax, batch / t_torch)
 
   model.eval()
@@ -118,7 +111,7 @@ def bench_variant(variant: str, batch: int, score_batch: int, reps: int):
       recon, _ = ref(st, **s_noise)
       torch.sqrt(((recon - st) ** 2).sum(dim=(1, 2, 3))).numpy()
 
-  t_jax, t_torch = alternate([jax_score, torch_score], reps)
+  t_jax, t_torch = timing.alternate([jax_score, torch_score], reps)
   return train_row, (score_batch / t_jax, score_batch / t_torch)
 
 
@@ -162,7 +155,7 @@ def bench_ops(batch: int, reps: int):
       with torch.no_grad():
         tlayer(xt)
 
-    t_jax, t_torch = alternate([run_jax, run_torch], reps)
+    t_jax, t_torch = timing.alternate([run_jax, run_torch], reps)
     rows.append((name, t_jax, t_torch))
   return rows
 
@@ -223,19 +216,86 @@ def bench_epoch(num_images: int, batch: int):
   return t_jax, t_torch
 
 
+TORCH_RUN = """
+import sys, time
+import numpy as np, torch
+sys.path.insert(0, {tests!r})
+import torch_reference
+torch.manual_seed(0)
+images = np.load({data!r} + "/trainingset.npy")
+model = torch_reference.BUILDERS["fcn_boss"]().train()
+opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+for step in range({steps}):
+  x = torch.from_numpy(images[step * 14:(step + 1) * 14].transpose(0, 3, 1, 2).copy()).float()
+  x = 2 * x / 255 - 1
+  loss = torch.nn.functional.mse_loss(model(x)[0], x)
+  opt.zero_grad(); loss.backward(); opt.step()
+  print(f"step {{step + 1}}/{steps}  loss {{loss.item():.4f}}", flush=True)
+torch.save({{"model": model.state_dict(), "opt": opt.state_dict()}}, {out!r})
+"""
+
+
+def timed_process(command: list[str], steps: int) -> tuple[float, float, float]:
+  """(start-up, wind-down, steady step) seconds of a training process that prints one line per
+  finished step ("step k/N"): start-up is from launch to the first step's line less one steady
+  step (the first step is work too); wind-down is from the last step's line to the exit."""
+  t0 = time.perf_counter()
+  proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                          cwd=ROOT)
+  marks = {}
+  for line in proc.stdout:
+    found = re.search(rf"step (\d+)/{steps}\b", line)
+    if found:
+      marks[int(found.group(1))] = time.perf_counter() - t0
+  if proc.wait() != 0 or len(marks) != steps:
+    raise RuntimeError(f"{' '.join(command)} failed (exit {proc.returncode})")
+  end = time.perf_counter() - t0
+  step = statistics.median(np.diff([marks[k] for k in range(1, steps + 1)]))
+  return marks[1] - step, end - marks[steps], step
+
+
+def bench_fixed_cost(reps: int, steps: int = 4):
+  """Fixed cost of a whole fcn_boss training process on the demo set (batch 14, `steps` steps,
+  every step logged), hw8jax's launch.py against a PyTorch script of the same work (imports,
+  data, model, Adam, the steps, torch.save of model and optimiser). hw8jax twice: with an empty
+  compilation cache (cold) and with the one that run left (warm). Medians of `reps`, alternating."""
+  with tempfile.TemporaryDirectory() as tmp:
+    data_dir = os.path.join(tmp, "data")
+    make_demo(data_dir)
+    rows = {"hw8jax (cold cache)": [], "hw8jax (warm cache)": [], "PyTorch script": []}
+    for r in range(reps):
+      cache = os.path.join(tmp, f"cache{r}")
+      for name in rows:
+        if name.startswith("PyTorch"):
+          script = TORCH_RUN.format(tests=os.path.join(ROOT, "tests"), data=data_dir,
+                                    steps=steps, out=os.path.join(tmp, f"torch{r}.pt"))
+          command = [sys.executable, "-c", script]
+        else:
+          workdir = os.path.join(tmp, f"run{r}-{len(rows[name])}-{name[8:12]}")
+          command = [sys.executable, "launch.py", "--config=configs/fcn_boss.py:demo",
+                     f"--workdir={workdir}", "--mode=train", f"--config.data.dir={data_dir}",
+                     f"--config.max_steps={steps}", "--config.num_epochs=100",
+                     "--config.log_every_seconds=0", f"--config.compilation_cache={cache}"]
+        rows[name].append(timed_process(command, steps))
+  return {name: [statistics.median(col) for col in zip(*runs, strict=True)]
+          for name, runs in rows.items()}
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--quick", action="store_true", help="small batches, few repeats")
   p.add_argument("--batch", type=int, default=256)
-  p.add_argument("--score_batch", type=int, default=500)
+  p.add_argument("--score_batch", type=int, default=config_lib.base_config().score.batch_size,
+                 help="default: the scoring batch of a run (score.batch_size)")
   p.add_argument("--reps", type=int, default=5)
   p.add_argument("--epoch_images", type=int, default=4096)
   p.add_argument("--epoch_batch", type=int, default=256)
   p.add_argument("--variants", default=",".join(models.VARIANTS))
-  p.add_argument("--skip_variants", action="store_true", help="only layers and the epoch")
+  p.add_argument("--skip_variants", action="store_true", help="only layers, epoch, fixed cost")
+  p.add_argument("--skip_fixed", action="store_true", help="no whole-process fixed cost")
   args = p.parse_args()
   if args.quick:
-    args.batch, args.score_batch, args.reps = 32, 128, 3
+    args.batch, args.reps = 32, 3
     args.epoch_images, args.epoch_batch = 1024, 64
   torch.set_num_threads(os.cpu_count())
   print("machine:", machine())
@@ -253,7 +313,15 @@ def main():
           f"ratio (torch time / hw8jax time) {t_torch / t_jax:5.2f}", flush=True)
   t_jax, t_torch = bench_epoch(args.epoch_images, args.epoch_batch)
   print(f"fcn_boss epoch with crop, {args.epoch_images} images, batch {args.epoch_batch}: "
-        f"hw8jax {t_jax:.1f} s, seed pipeline {t_torch:.1f} s, speed-up {t_torch / t_jax:.2f}x")
+        f"hw8jax {t_jax:.1f} s, seed pipeline {t_torch:.1f} s, speed-up {t_torch / t_jax:.2f}x",
+        flush=True)
+  if not args.skip_fixed:
+    print("fixed cost of a whole fcn_boss training process (demo set, batch 14, 4 steps), "
+          f"median of {args.reps}, s: start-up (launch to first step, less one step), "
+          "wind-down (last step to exit: final save, curves, exit)")
+    for name, (start, end, step) in bench_fixed_cost(args.reps).items():
+      print(f"  {name:20s} start-up {start:5.2f}  wind-down {end:5.2f}  total {start + end:5.2f}"
+            f"  (steady step {step:.2f})", flush=True)
 
 
 if __name__ == "__main__":

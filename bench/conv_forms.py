@@ -9,14 +9,11 @@ calls after warm-up, in ms. The table behind `convolution.plan`; docs/performanc
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import timing
 
 from hw8jax.models import convolution
 
@@ -49,17 +46,6 @@ SHAPES = [
 ]
 
 
-def timed(fns, reps: int, warmup: int = 2) -> list[float]:
-  times = [[] for _ in fns]
-  for r in range(warmup + reps):
-    for i, fn in enumerate(fns):
-      t = time.perf_counter()
-      jax.block_until_ready(fn())
-      if r >= warmup:
-        times[i].append(time.perf_counter() - t)
-  return [statistics.median(t) * 1e3 for t in times]
-
-
 def bench_shape(batch, size, cin, cout, k, stride, padding, reps):
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(batch, size, size, cin)), jnp.float32)
@@ -74,10 +60,11 @@ def bench_shape(batch, size, cin, cout, k, stride, padding, reps):
     fwd = jax.jit(lambda x, w, fn=fn: fn(x, w, stride, pad))
     dx = jax.jit(jax.grad(lambda x, w, fn=fn: jnp.vdot(fn(x, w, stride, pad), ct), argnums=0))
     dw = jax.jit(jax.grad(lambda x, w, fn=fn: jnp.vdot(fn(x, w, stride, pad), ct), argnums=1))
-    fwds.append(lambda fwd=fwd: fwd(x, w))
-    dxs.append(lambda dx=dx: dx(x, w))
-    dws.append(lambda dw=dw: dw(x, w))
-  return forms, timed(fwds, reps), timed(dxs, reps), timed(dws, reps)
+    fwds.append(lambda fwd=fwd: jax.block_until_ready(fwd(x, w)))
+    dxs.append(lambda dx=dx: jax.block_until_ready(dx(x, w)))
+    dws.append(lambda dw=dw: jax.block_until_ready(dw(x, w)))
+  ms = [[1e3 * t for t in timing.alternate(fns, reps)] for fns in (fwds, dxs, dws)]
+  return forms, *ms
 
 
 def main():
@@ -86,8 +73,7 @@ def main():
   p.add_argument("--reps", type=int, default=5)
   p.add_argument("--only", default="", help="only shapes whose name contains this")
   args = p.parse_args()
-  print(f"machine: {platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__} on "
-        f"{jax.devices()[0].device_kind}")
+  print("machine:", timing.machine())
   print(f"batch {args.batch}, median of {args.reps}, ms; per form: forward, input gradient, "
         "kernel gradient (each alone; XLA drops the unused forward); plan = convolution.plan's "
         "forms for the three")

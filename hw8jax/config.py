@@ -101,6 +101,9 @@ def base_config(model: str) -> ml_collections.ConfigDict:
   c.compute_dtype = "float32"      # "bfloat16": bf16 compute, fp32 params and optimiser
   c.matmul_precision = "highest"   # float32 matmuls in full float32 on GPUs too (not TF32);
                                    # "default" lets XLA use TF32 / bf16 passes
+  c.compilation_cache = "auto"     # folder of XLA's persistent compilation cache ("auto":
+                                   # $XDG_CACHE_HOME/hw8jax/xla, else ~/.cache/hw8jax/xla);
+                                   # "" turns it off
   c.cpu_fast_paths = "auto"        # hw8jax's CPU-tuned conv forms and scorer compilation:
                                    # "auto" on CPU only, "on" / "off" on every backend
   c.coordinator_address = ""       # host:port to run multi-process (jax.distributed)
@@ -118,7 +121,7 @@ def apply_arg(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.C
     c.batch_size = 16
     c.max_steps = 20
     c.checkpoint.every_steps = 10
-    c.checkpoint.keep = 1        # a smoke run: one fcn_boss checkpoint is 1.3 GB
+    c.checkpoint.keep = 1        # a smoke run: one fcn_boss checkpoint is 1.5 GB
     c.score.batch_size = 64
     c.log_every_seconds = 2.0
   elif arg == "demo":
@@ -127,7 +130,7 @@ def apply_arg(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.C
     c.batch_size = 14            # 70 training faces: 5 steps an epoch
     c.num_epochs = 60
     c.checkpoint.every_steps = 100
-    c.checkpoint.keep = 1        # a smoke run: one fcn_boss checkpoint is 1.3 GB
+    c.checkpoint.keep = 1        # a smoke run: one fcn_boss checkpoint is 1.5 GB
     c.score.batch_size = 60
   else:
     raise ConfigError(f"unknown config arg {arg!r}: use 'quick' or 'demo'")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import numpy as np
 
@@ -23,7 +24,7 @@ def open_sinks(workdir: str, start_step: int) -> dict | None:
   """The sinks of a run continuing from `start_step` (0: afresh); None off process 0."""
   if not runtime.is_main_process():
     return None
-  from tensorboardX import SummaryWriter
+  SummaryWriter = _summary_writer_class()
 
   path = os.path.join(workdir, METRICS_FILE)
   _truncate(path, start_step)
@@ -32,6 +33,22 @@ def open_sinks(workdir: str, start_step: int) -> dict | None:
   writer = SummaryWriter(logdir=os.path.join(workdir, EVENTS_DIR), purge_step=start_step + 1,
                          flush_secs=10, filename_suffix=f".{os.getpid()}.from{start_step}")
   return {"path": path, "writer": writer}
+
+
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter. Its module imports torch when torch is installed (to accept
+  torch tensors, which hw8jax never passes): 1.1 s of every run's start-up. Unless torch is
+  already loaded, the import sees none (an entry of None makes `import torch` fail), and the
+  entry is removed at once, so a later `import torch` works as usual."""
+  if "torch" in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules["torch"] = None
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
 
 
 def write(sinks: dict | None, record: dict, group: str) -> None:

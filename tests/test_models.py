@@ -12,7 +12,7 @@ from hw8jax import models
 from hw8jax.models import layers
 from hw8jax.torch_import import load_state_dict, torch_targets
 
-from conftest import images, require_torch
+from conftest import built, images, require_torch
 
 AUX_KEYS = {
     "ta_fcn": {"z"}, "ta_cnn": {"z"}, "fcn_medium": {"z"}, "fcn_strong": {"z"},
@@ -47,7 +47,7 @@ def deterministic_calls(model, x):
 def test_contract(variant, seed):
   """Calls are jitted, as training and scoring run them (op by op, multi_encoder compiled for
   16 s)."""
-  model = models.build(variant, rngs=nnx.Rngs(seed))
+  model = built(variant, seed)
   x = jnp.asarray(images(np.random.default_rng(seed), 2))
   stats_before = jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat))
 
@@ -130,7 +130,7 @@ def test_initialisation_matches_pytorch(variant, seed):
 
   torch.manual_seed(seed)
   ref = {k: v.numpy() for k, v in torch_reference.BUILDERS[variant]().state_dict().items()}
-  model = models.build(variant, rngs=nnx.Rngs(seed))
+  model = built(variant, seed)
   checked = 0
   for key, target, _, _ in torch_targets(model):
     got, want = np.asarray(target[...]), ref[key]

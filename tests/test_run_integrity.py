@@ -24,7 +24,7 @@ import pytest
 from hw8jax import report, train
 from hw8jax.data.demo import make_synthetic
 
-from conftest import quick_config, tensorboard_scalars
+from conftest import launch_command, quick_config, tensorboard_scalars
 
 QUICK = ["--config.max_steps=10", "--config.checkpoint.every_steps=5",
          "--config.log_every_seconds=0"]
@@ -71,6 +71,9 @@ MISTAKES = {
     "precision": (["--config.matmul_precision=bogus"], "matmul_precision='bogus': use one of"),
     "fast paths": (["--config.cpu_fast_paths=fast"],
                    "cpu_fast_paths='fast': use one of auto, on, off"),
+    "compilation cache": (["--config.compilation_cache=/dev/null/xla"],
+                          "compilation_cache='/dev/null/xla': cannot create /dev/null/xla: Not a "
+                          "directory; name another folder, or '' to turn the cache off"),
     "topk zero": (["--config.score.topk=0"], "score.topk=0: must be between 1 and 12288"),
     "topk over": (["--config.score.topk=20000"], "score.topk=20000: must be between 1 and"),
     "score batch zero": (["--config.score.batch_size=0"], "score.batch_size=0: must be at least"),
@@ -492,3 +495,24 @@ def test_images_per_second_counts_finished_steps(data_dir, tmp_path, monkeypatch
   rates = [json.loads(line)["images_per_s"] for line in open(tmp_path / "w" / "metrics.jsonl")
            if '"images_per_s"' in line]
   assert len(rates) >= 2 and max(rates) <= 2 / 0.05
+
+
+def test_a_second_run_loads_the_first_runs_programs_from_the_compilation_cache(
+    data_dir, tmp_path):
+  """`compilation_cache` names a folder: a training run fills it, and scoring the workdir
+  afterwards, in a new process, loads programs from there instead of compiling them (JAX logs
+  each hit when asked to log compilations). Processes of their own: this one's programs are
+  compiled already, so an in-process run would write none."""
+  cache, workdir = tmp_path / "xla", tmp_path / "w"
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+  common = (f"--workdir={workdir}", f"--config.data.dir={data_dir}",
+            f"--config.compilation_cache={cache}")
+  first = subprocess.run(launch_command(*common, "--mode=train"), capture_output=True,
+                         text=True, timeout=300, env=env)
+  assert first.returncode == 0, first.stderr
+  assert len(os.listdir(cache)) >= 2
+  result = subprocess.run(launch_command(*common, "--mode=score"), capture_output=True,
+                          text=True, timeout=300, env={**env, "JAX_LOG_COMPILES": "1"})
+  assert result.returncode == 0, result.stderr
+  hits = re.findall(r"Persistent compilation cache hit for '(\w+)'", result.stderr)
+  assert len(hits) >= 3, result.stderr

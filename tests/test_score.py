@@ -14,12 +14,12 @@ import pytest
 from flax import nnx
 
 from hw8jax import config as config_lib
-from hw8jax import data, models, report
+from hw8jax import data, report
 from hw8jax.data.demo import make_synthetic, synthetic_images
 from hw8jax.main import run
 from hw8jax.score import image_error, make_scorer, score_images
 
-from conftest import CONFIGS, cli, images, quick_config
+from conftest import CONFIGS, built, cli, images, quick_config
 
 
 def test_image_error_metrics(seed):
@@ -36,7 +36,7 @@ def test_image_error_metrics(seed):
 
 
 def _eval_model(variant, seed):
-  model = models.build(variant, rngs=nnx.Rngs(seed))
+  model = built(variant, seed)
   model.eval()
   graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   return model, graphdef, (params, stats)

@@ -114,7 +114,9 @@ def test_launch_scores_a_pytorch_trained_file(whole_model_files, tmp_path):
 
 def test_training_starts_from_a_pytorch_file(whole_model_files, tmp_path):
   """`init_from` with training: a run at a rate too small to move a float32 weight (a rate
-  must be > 0) checkpoints exactly the file's weights."""
+  must be > 0) checkpoints the file's weights. Exactly, except where a weight is exactly 0
+  (PyTorch's uniform init hits 0 with probability 2**-24 per weight: about one run in ten
+  here), which the rate moves by about 1e-35."""
   from hw8jax.main import run
 
   out, _ = whole_model_files
@@ -130,7 +132,7 @@ def test_training_starts_from_a_pytorch_file(whole_model_files, tmp_path):
   want_leaves = jax.tree.leaves(nnx.state(want, nnx.Param))
   assert len(jax.tree.leaves(saved["params"])) == len(want_leaves) == 16  # 8 Linear
   for a, b in zip(jax.tree.leaves(saved["params"]), want_leaves, strict=True):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-30)
 
 
 def _touch(path):

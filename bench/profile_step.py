@@ -1,0 +1,113 @@
+"""Where a variant's train step or scorer spends its time, per XLA operation (not a test).
+
+Runs the jitted step (or scorer) a few times under `jax.profiler`, then sums the duration of
+each executed operation (fusion) over the traced calls and prints the largest, each with the
+main HLO op it wraps (convolution, dot, reduce-window...) and its shape. On CPU, operations of
+one call may run concurrently on the cores, so their sum can exceed the call's wall time.
+
+  python bench/profile_step.py resnet_boss              # train step, batch 32
+  python bench/profile_step.py fcn_strong --score --batch=500
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import re
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import timing
+from flax import nnx
+
+from hw8jax import config as config_lib
+from hw8jax import data, models, train
+from hw8jax.data.demo import synthetic_images
+from hw8jax.score import make_scorer
+
+
+def compiled_call(variant: str, batch: int, score: bool):
+  """(jitted fn, a function giving its current arguments, a function that runs it once and
+  blocks)."""
+  model = models.build(variant, rngs=nnx.Rngs(0))
+  images = jax.device_put(synthetic_images(batch, 0))
+  if score:
+    model.eval()
+    graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    fn = make_scorer(graphdef, stochastic=variant in models.STOCHASTIC)
+    args = [(params, stats), images, jnp.arange(batch), jax.random.key(0)]
+    return fn, lambda: args, lambda: jax.block_until_ready(fn(*args))
+  graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  cfg = config_lib.base_config(variant)
+  tx = train.make_optimizer(cfg, train.make_schedule(cfg, 100))
+  fn = jax.jit(train.make_train_step(graphdef, tx, variant, data.normalize, jax.random.key(0)),
+               donate_argnums=0)
+  box = {"state": train.init_state(params, stats, tx)}
+
+  def run():
+    box["state"], m = fn(box["state"], images)
+    jax.block_until_ready(m)
+
+  return fn, lambda: [box["state"], images], run
+
+
+def op_summaries(hlo_text: str) -> dict:
+  """{instruction name: "shape :: main op"} for the fusions and calls of an HLO module."""
+  bodies, current = {}, None
+  for line in hlo_text.splitlines():
+    head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line) if not line.startswith(" ") else None
+    if head:
+      current = bodies.setdefault(head.group(1), [])
+    elif current is not None:
+      current.append(line.strip())
+  out = {}
+  for line in hlo_text.splitlines():
+    m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) .*calls=%?([\w.\-]+)", line)
+    if m:
+      ops = [op for op in bodies.get(m.group(3), [])
+             if re.search(r" (convolution|dot|reduce-window|select-and-scatter|reduce|gather|"
+                          r"scatter)\(", op)]
+      main = re.sub(r", metadata=.*", "", ops[0])[:140] if ops else ""
+      out[m.group(1)] = f"{m.group(2)} :: {main}"
+  return out
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("variant")
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--score", action="store_true", help="the scorer instead of the train step")
+  p.add_argument("--calls", type=int, default=5)
+  p.add_argument("--top", type=int, default=30)
+  args = p.parse_args()
+  fn, fn_args, run = compiled_call(args.variant, args.batch, args.score)
+  for _ in range(3):
+    run()
+  wall = timing.alternate([run], args.calls, warmup=0)[0]
+  with tempfile.TemporaryDirectory() as tmp:
+    jax.profiler.start_trace(tmp, create_perfetto_trace=True)
+    for _ in range(args.calls):
+      run()
+    jax.profiler.stop_trace()
+    trace = json.load(gzip.open(glob.glob(f"{tmp}/**/*.trace.json.gz", recursive=True)[0]))
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  hlo = fn.lower(*fn_args()).compile().as_text()
+  described = op_summaries(hlo)
+  per_op = collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and e["name"] in described:
+      per_op[e["name"]] += e.get("dur", 0) / 1e3 / args.calls
+  print("machine:", timing.machine())
+  what = "scorer" if args.score else "train step"
+  print(f"{args.variant} {what}, batch {args.batch}: {wall * 1e3:.1f} ms a call (median of "
+        f"{args.calls}); operations summed {sum(per_op.values()):.1f} ms; largest, ms a call:")
+  for name, ms in per_op.most_common(args.top):
+    print(f"  {ms:8.2f}  {name}: {described[name]}")
+
+
+if __name__ == "__main__":
+  main()
