@@ -285,7 +285,8 @@ def main():
   p = argparse.ArgumentParser()
   p.add_argument("--quick", action="store_true", help="small batches, few repeats")
   p.add_argument("--batch", type=int, default=256)
-  p.add_argument("--score_batch", type=int, default=config_lib.base_config().score.batch_size,
+  p.add_argument("--score_batch", type=int,
+                 default=config_lib.base_config("fcn_boss").score.batch_size,
                  help="default: the scoring batch of a run (score.batch_size)")
   p.add_argument("--reps", type=int, default=5)
   p.add_argument("--epoch_images", type=int, default=4096)

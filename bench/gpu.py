@@ -53,7 +53,8 @@ def variant_rates(variant: str, batch: int, score_batch: int, reps: int, images)
     train_def, eval_def = graphdefs(variant, setting)
     step = jax.jit(train.make_train_step(train_def, tx, variant, data.normalize,
                                          jax.random.key(0)), donate_argnums=0)
-    box = {"state": train.init_state(params, stats, tx)}
+    # Copies: the step donates its state, and the scorer still reads params and stats.
+    box = {"state": train.init_state(*jax.tree.map(jnp.copy, (params, stats)), tx)}
     scorer = make_scorer(eval_def, stochastic=variant in models.STOCHASTIC,
                          fast_paths=setting)
 
