@@ -67,20 +67,12 @@ def bench_variant(variant: str, batch: int, score_batch: int, reps: int):
   model = load_state_dict(abstract_model(variant), ref.state_dict())
   model.train()
   graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-  cfg = config_lib.base_config(variant)
-  tx = train.make_optimizer(cfg, train.make_schedule(cfg, 100))
-  step = jax.jit(train.make_train_step(graphdef, tx, variant, data.normalize, jax.random.key(0)),
-                 donate_argnums=0)
-  box = {"state": train.init_state(params, stats, tx)}
   imgs = synthetic_images(max(batch, score_batch), 0)
-  x_u8 = jax.device_put(imgs[:batch])
+  jax_train, _, current = timing.train_step_runner(
+      variant, graphdef, *jax.tree.map(jnp.copy, (params, stats)), jax.device_put(imgs[:batch]))
   xt = nchw(data.normalize(imgs[:batch]))
   opt = torch.optim.Adam(ref.parameters(), lr=1e-3)
   noise = torch_noise(variant, batch)
-
-  def jax_train():
-    box["state"], m = step(box["state"], x_u8)
-    jax.block_until_ready(m["loss"])
 
   def torch_train():
     recon, aux = ref(xt, **noise)
@@ -99,7 +91,8 @@ def bench_variant(variant: str, batch: int, score_batch: int, reps: int):
   index = jax.numpy.arange(score_batch)
   st = nchw(data.normalize(imgs[:score_batch]))
   key = jax.random.key(0)
-  model_state = (box["state"]["params"], box["state"]["batch_stats"])
+  state = current()[0]
+  model_state = (state["params"], state["batch_stats"])
   ref.eval()
   s_noise = torch_noise(variant, score_batch)
 

@@ -43,26 +43,17 @@ def graphdefs(variant: str, fast_paths: str):
 
 def variant_rates(variant: str, batch: int, score_batch: int, reps: int, images) -> dict:
   """{fast_paths: (train img/s, score img/s)} for "off" and "on"."""
-  cfg = config_lib.base_config(variant)
-  tx = train.make_optimizer(cfg, train.make_schedule(cfg, 100))
-  _, _, params, stats = train.init_model(cfg, jax.random.key(0))
+  _, _, params, stats = train.init_model(config_lib.base_config(variant), jax.random.key(0))
   x, xs = jax.device_put(images[:batch]), jax.device_put(images[:score_batch])
   index, key = jnp.arange(score_batch), jax.random.key(1)
   trains, scores = [], []
   for setting in ("off", "on"):
     train_def, eval_def = graphdefs(variant, setting)
-    step = jax.jit(train.make_train_step(train_def, tx, variant, data.normalize,
-                                         jax.random.key(0)), donate_argnums=0)
     # Copies: the step donates its state, and the scorer still reads params and stats.
-    box = {"state": train.init_state(*jax.tree.map(jnp.copy, (params, stats)), tx)}
+    trains.append(timing.train_step_runner(
+        variant, train_def, *jax.tree.map(jnp.copy, (params, stats)), x)[0])
     scorer = make_scorer(eval_def, stochastic=variant in models.STOCHASTIC,
                          fast_paths=setting)
-
-    def run_step(step=step, box=box):
-      box["state"], m = step(box["state"], x)
-      jax.block_until_ready(m["loss"])
-
-    trains.append(run_step)
     scores.append(lambda scorer=scorer: jax.block_until_ready(
         scorer((params, stats), xs, index, key)))
   t_train, t_score = timing.alternate(trains, reps), timing.alternate(scores, reps)

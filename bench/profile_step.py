@@ -24,8 +24,7 @@ import jax.numpy as jnp
 import timing
 from flax import nnx
 
-from hw8jax import config as config_lib
-from hw8jax import data, models, train
+from hw8jax import models
 from hw8jax.data.demo import synthetic_images
 from hw8jax.score import make_scorer
 
@@ -42,17 +41,8 @@ def compiled_call(variant: str, batch: int, score: bool):
     args = [(params, stats), images, jnp.arange(batch), jax.random.key(0)]
     return fn, lambda: args, lambda: jax.block_until_ready(fn(*args))
   graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-  cfg = config_lib.base_config(variant)
-  tx = train.make_optimizer(cfg, train.make_schedule(cfg, 100))
-  fn = jax.jit(train.make_train_step(graphdef, tx, variant, data.normalize, jax.random.key(0)),
-               donate_argnums=0)
-  box = {"state": train.init_state(params, stats, tx)}
-
-  def run():
-    box["state"], m = fn(box["state"], images)
-    jax.block_until_ready(m)
-
-  return fn, lambda: [box["state"], images], run
+  run, fn, current = timing.train_step_runner(variant, graphdef, params, stats, images)
+  return fn, current, run
 
 
 def op_summaries(hlo_text: str) -> dict:

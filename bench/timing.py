@@ -1,4 +1,5 @@
-"""What every benchmark script here shares: alternating timing and the machine's description."""
+"""What the benchmark scripts here share: alternating timing, the machine's description and a
+variant's train step as a runnable."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import statistics
 import time
 
 import jax
+
+from hw8jax import config as config_lib
+from hw8jax import data, train
 
 
 def alternate(fns, reps: int, warmup: int = 2) -> list[float]:
@@ -26,3 +30,20 @@ def alternate(fns, reps: int, warmup: int = 2) -> list[float]:
 def machine() -> str:
   return (f"{platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__} on "
           f"{jax.device_count()} x {jax.devices()[0].device_kind}")
+
+
+def train_step_runner(variant: str, train_def, params, stats, images):
+  """A function running one train step of `variant` (Adam, the config's defaults, `images`
+  normalised in the step) and blocking on its loss; and one giving the step's current
+  arguments. The step donates its state: `params` and `stats` are used up."""
+  cfg = config_lib.base_config(variant)
+  tx = train.make_optimizer(cfg, train.make_schedule(cfg, 100))
+  step = jax.jit(train.make_train_step(train_def, tx, variant, data.normalize,
+                                       jax.random.key(0)), donate_argnums=0)
+  box = {"state": train.init_state(params, stats, tx)}
+
+  def run():
+    box["state"], m = step(box["state"], images)
+    jax.block_until_ready(m["loss"])
+
+  return run, step, lambda: [box["state"], images]

@@ -506,7 +506,8 @@ def test_a_second_run_loads_the_first_runs_programs_from_the_compilation_cache(
   cache, workdir = tmp_path / "xla", tmp_path / "w"
   env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
   common = (f"--workdir={workdir}", f"--config.data.dir={data_dir}",
-            f"--config.compilation_cache={cache}")
+            f"--config.compilation_cache={cache}", "--config.max_steps=4",
+            "--config.data.test_labels=")
   first = subprocess.run(launch_command(*common, "--mode=train"), capture_output=True,
                          text=True, timeout=300, env=env)
   assert first.returncode == 0, first.stderr
