@@ -279,6 +279,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_images, test_im
   sinks = None
   try:
     train_def, eval_def, params, stats = init_model(config, keys["init"])
+    # One program: op by op, the optimiser's zero moments compiled for about 1 s (fcn_boss).
     state = jax.device_put(jax.jit(lambda p, s: init_state(p, s, tx))(params, stats), replicated)
     transform = data.get_transform(config.data.transform)
     step_fn = jit_train_step(make_train_step(train_def, tx, config.model, transform,
