@@ -102,8 +102,8 @@ def base_config(model: str) -> ml_collections.ConfigDict:
   c.matmul_precision = "highest"   # float32 matmuls in full float32 on GPUs too (not TF32);
                                    # "default" lets XLA use TF32 / bf16 passes
   c.compilation_cache = "auto"     # folder of XLA's persistent compilation cache ("auto":
-                                   # $XDG_CACHE_HOME/hw8jax/xla, else ~/.cache/hw8jax/xla);
-                                   # "" turns it off
+                                   # JAX_COMPILATION_CACHE_DIR if set, else
+                                   # $XDG_CACHE_HOME/hw8jax/xla or ~/.cache/hw8jax/xla); "": off
   c.cpu_fast_paths = "auto"        # hw8jax's CPU-tuned conv forms and scorer compilation:
                                    # "auto" on CPU only, "on" / "off" on every backend
   c.coordinator_address = ""       # host:port to run multi-process (jax.distributed)

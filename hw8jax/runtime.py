@@ -1,5 +1,5 @@
 """What a run shares between training and scoring: the processes and devices it runs on, its
-mesh, its random keys and its compute dtypes."""
+mesh, its random keys, its compute dtypes, the compilation cache and the CPU fast-path switch."""
 
 from __future__ import annotations
 
