@@ -4,6 +4,8 @@
   python launch.py --config=configs/fcn_boss.py --workdir=runs/fcn_boss --config.num_epochs=80
 """
 
+import atexit
+import os
 import signal
 import sys
 
@@ -58,5 +60,16 @@ def main(argv):
     sys.exit(128 + signal.SIGINT)
 
 
+def main_and_exit(argv):
+  """main, then the exit handlers (JAX's, orbax's, absl's) and out, without Python's own
+  teardown of every module and thread: 0.5 s after a training run whose every file is already
+  written and closed."""
+  main(argv)
+  atexit._run_exitfuncs()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(0)
+
+
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main_and_exit, flags_parser=parse_flags)

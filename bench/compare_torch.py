@@ -10,6 +10,12 @@ Last, the fixed cost of a whole fcn_boss training process (launch.py in a subpro
 PyTorch script doing the same work, with XLA's compilation cache empty and then filled.
 Scoring runs at score.batch_size (500), the batch a scoring run uses.
 
+Each side runs as its users run it: hw8jax in this process with the host allocator settings a
+run makes (`cpu_fast_paths`, hw8jax.runtime.tune_allocator), PyTorch in a worker process of its
+own with glibc's defaults, driven step by step from here so the alternation holds. A second
+PyTorch worker with hw8jax's allocator settings shows what PyTorch would gain from them (the
+"torch*" column). The single-layer table runs both sides in this process.
+
   python bench/compare_torch.py --quick          # about 10 minutes on a 2-core CPU
   python bench/compare_torch.py --batch=2000 --epoch_images=100000
 
@@ -20,6 +26,7 @@ Needs torch (the test extra). The PyTorch originals are the test suite's referen
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import re
 import statistics
@@ -36,7 +43,7 @@ import torch.nn.functional as F
 from flax import nnx
 
 from hw8jax import config as config_lib
-from hw8jax import data, models, train
+from hw8jax import data, models, runtime, train
 from hw8jax.data.demo import make_demo, synthetic_images
 from hw8jax.score import make_scorer
 from hw8jax.torch_import import load_state_dict
@@ -57,55 +64,109 @@ def machine() -> str:
   return f"{timing.machine()}; torch {torch.__version__} with {torch.get_num_threads()} threads"
 
 
+def normalize(images: np.ndarray) -> np.ndarray:
+  """data.normalize in numpy: a worker need not start JAX."""
+  return images.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
+
+
 def nchw(x) -> torch.Tensor:
   return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
 
 
-def bench_variant(variant: str, batch: int, score_batch: int, reps: int):
-  torch.manual_seed(0)
-  ref = torch_reference.BUILDERS[variant]().train()
-  model = load_state_dict(abstract_model(variant), ref.state_dict())
+def bench_variant(variant: str, batch: int, score_batch: int, reps: int, workers):
+  """((train img/s hw8jax, torch, torch*), (score img/s ...)): `workers` run PyTorch's side."""
+  torch.manual_seed(0)  # the workers build the same model from the same seed
+  model = load_state_dict(abstract_model(variant),
+                          torch_reference.BUILDERS[variant]().state_dict())
   model.train()
   graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   imgs = synthetic_images(max(batch, score_batch), 0)
   jax_train, _, current = timing.train_step_runner(
       variant, graphdef, *jax.tree.map(jnp.copy, (params, stats)), jax.device_put(imgs[:batch]))
-  xt = nchw(data.normalize(imgs[:batch]))
-  opt = torch.optim.Adam(ref.parameters(), lr=1e-3)
-  noise = torch_noise(variant, batch)
+  for worker in workers:
+    worker(("variant", variant, batch, score_batch))
+  times = timing.alternate([jax_train, *(lambda w=w: w(("train",)) for w in workers)], reps)
+  train_row = tuple(batch / t for t in times)
 
-  def torch_train():
+  model.eval()
+  scorer = make_scorer(nnx.graphdef(model), stochastic=variant in models.STOCHASTIC)
+  s_u8 = jax.device_put(imgs[:score_batch])
+  index = jax.numpy.arange(score_batch)
+  key = jax.random.key(0)
+  state = current()[0]
+  model_state = (state["params"], state["batch_stats"])
+
+  def jax_score():
+    jax.block_until_ready(scorer(model_state, s_u8, index, key))
+
+  times = timing.alternate([jax_score, *(lambda w=w: w(("score",)) for w in workers)], reps)
+  return train_row, tuple(score_batch / t for t in times)
+
+
+def torch_variant(variant: str, batch: int, score_batch: int) -> dict:
+  """PyTorch's train step (forward, loss, backward, Adam) and scoring pass (eval forward, the
+  per-image error) of `variant`, as functions; built in a worker."""
+  torch.manual_seed(0)
+  ref = torch_reference.BUILDERS[variant]().train()
+  imgs = synthetic_images(max(batch, score_batch), 0)
+  xt, st = nchw(normalize(imgs[:batch])), nchw(normalize(imgs[:score_batch]))
+  opt = torch.optim.Adam(ref.parameters(), lr=1e-3)
+  noise, s_noise = torch_noise(variant, batch), torch_noise(variant, score_batch)
+
+  def train_step():
+    ref.train()
     recon, aux = ref(xt, **noise)
     loss = torch_reference.loss(variant, xt, recon, aux)
     opt.zero_grad()
     loss.backward()
     opt.step()
 
-  t_jax, t_torch = timing.alternate([jax_train, torch_train], reps)
-  train_row = (batch / t_jax, batch / t_torch)
-
-  model.eval()
-  eval_def = nnx.graphdef(model)
-  scorer = make_scorer(eval_def, stochastic=variant in models.STOCHASTIC)
-  s_u8 = jax.device_put(imgs[:score_batch])
-  index = jax.numpy.arange(score_batch)
-  st = nchw(data.normalize(imgs[:score_batch]))
-  key = jax.random.key(0)
-  state = current()[0]
-  model_state = (state["params"], state["batch_stats"])
-  ref.eval()
-  s_noise = torch_noise(variant, score_batch)
-
-  def jax_score():
-    jax.block_until_ready(scorer(model_state, s_u8, index, key))
-
-  def torch_score():
+  def score():
+    ref.eval()
     with torch.no_grad():
       recon, _ = ref(st, **s_noise)
       torch.sqrt(((recon - st) ** 2).sum(dim=(1, 2, 3))).numpy()
 
-  t_jax, t_torch = timing.alternate([jax_score, torch_score], reps)
-  return train_row, (score_batch / t_jax, score_batch / t_torch)
+  return {"train": train_step, "score": score}
+
+
+def torch_worker(conn, tuned: bool) -> None:
+  """A process running PyTorch's side on request: ("variant", ...) builds a variant's
+  functions, ("train",) / ("score",) runs one, ("epoch", images, batch) times the seed's
+  epoch; each answered when done. `tuned`: with hw8jax's allocator settings."""
+  if tuned:
+    runtime.tune_allocator("on")
+  torch.set_num_threads(os.cpu_count())
+  fns = {}
+  while (request := conn.recv()) is not None:
+    kind, *args = request
+    if kind == "variant":
+      fns = torch_variant(*args)
+      conn.send(None)
+    elif kind == "epoch":
+      conn.send(torch_epoch(*args))
+    else:
+      fns[kind]()
+      conn.send(None)
+
+
+def start_torch_workers():
+  """(default worker, tuned worker) as functions of a request, blocking until it is done, and
+  a function stopping both."""
+  context = multiprocessing.get_context("spawn")
+  calls, stops = [], []
+  for tuned in (False, True):
+    parent, child = context.Pipe()
+    process = context.Process(target=torch_worker, args=(child, tuned), daemon=True)
+    process.start()
+
+    def call(request, parent=parent):
+      parent.send(request)
+      return parent.recv()
+
+    calls.append(call)
+    stops.append(lambda parent=parent, process=process: (parent.send(None), process.join()))
+  return calls, lambda: [stop() for stop in stops]
 
 
 def torch_noise(variant: str, batch: int) -> dict:
@@ -170,13 +231,14 @@ class SeedDataset(torch.utils.data.Dataset):
     return 2.0 * x / 255.0 - 1.0
 
 
-def bench_epoch(num_images: int, batch: int):
-  """Seconds for one fcn_boss epoch with the crop transform, hw8jax vs the seed's pipeline."""
+def bench_epoch(num_images: int, batch: int, worker):
+  """Seconds for one fcn_boss epoch with the crop transform, hw8jax vs the seed's pipeline (in
+  the PyTorch `worker`)."""
   images = synthetic_images(num_images, 1)
   steps = num_images // batch
   torch.manual_seed(0)
-  ref = torch_reference.BUILDERS["fcn_boss"]().train()
-  model = load_state_dict(abstract_model("fcn_boss"), ref.state_dict())
+  model = load_state_dict(abstract_model("fcn_boss"),
+                          torch_reference.BUILDERS["fcn_boss"]().state_dict())
   model.train()
   graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   cfg = config_lib.base_config("fcn_boss")
@@ -195,6 +257,14 @@ def bench_epoch(num_images: int, batch: int):
   jax.block_until_ready(m)
   t_jax = time.perf_counter() - t
 
+  return t_jax, worker(("epoch", num_images, batch))
+
+
+def torch_epoch(num_images: int, batch: int) -> float:
+  """Seconds for one fcn_boss epoch through the seed's pipeline (DataLoader, per-image crop)."""
+  images = synthetic_images(num_images, 1)
+  torch.manual_seed(0)
+  ref = torch_reference.BUILDERS["fcn_boss"]().train()
   opt = torch.optim.Adam(ref.parameters(), lr=1e-3)
   loader = torch.utils.data.DataLoader(SeedDataset(images), batch_size=batch, shuffle=True,
                                        drop_last=True)
@@ -205,8 +275,7 @@ def bench_epoch(num_images: int, batch: int):
     opt.zero_grad()
     loss.backward()
     opt.step()
-  t_torch = time.perf_counter() - t
-  return t_jax, t_torch
+  return time.perf_counter() - t
 
 
 TORCH_RUN = """
@@ -291,24 +360,30 @@ def main():
   if args.quick:
     args.batch, args.reps = 32, 3
     args.epoch_images, args.epoch_batch = 1024, 64
+  runtime.tune_allocator("auto")  # as a run does, before JAX starts
   torch.set_num_threads(os.cpu_count())
+  workers, stop_workers = start_torch_workers()
   print("machine:", machine())
   print(f"train batch {args.batch}, score batch {args.score_batch}, median of {args.reps}, "
-        "images/s")
-  print(f"{'variant':14s} {'train hw8jax':>13s} {'torch':>9s} {'ratio':>6s}   "
-        f"{'score hw8jax':>13s} {'torch':>9s} {'ratio':>6s}")
+        "images/s; torch: PyTorch with glibc's allocator defaults, torch*: with hw8jax's "
+        "allocator settings; ratio = hw8jax / torch")
+  print(f"{'variant':14s} {'train hw8jax':>13s} {'torch':>9s} {'torch*':>9s} {'ratio':>6s}   "
+        f"{'score hw8jax':>13s} {'torch':>9s} {'torch*':>9s} {'ratio':>6s}")
   for v in [] if args.skip_variants else args.variants.split(","):
-    (tj, tt), (sj, st) = bench_variant(v, args.batch, args.score_batch, args.reps)
-    print(f"{v:14s} {tj:13.1f} {tt:9.1f} {tj / tt:6.2f}   {sj:13.1f} {st:9.1f} {sj / st:6.2f}",
-          flush=True)
-  print(f"single layers, forward, batch {args.batch}, median of {args.reps}, ms:")
+    (tj, tt, tt2), (sj, st, st2) = bench_variant(v, args.batch, args.score_batch, args.reps,
+                                                 workers)
+    print(f"{v:14s} {tj:13.1f} {tt:9.1f} {tt2:9.1f} {tj / tt:6.2f}   {sj:13.1f} {st:9.1f} "
+          f"{st2:9.1f} {sj / st:6.2f}", flush=True)
+  print(f"single layers, forward, batch {args.batch}, median of {args.reps}, ms (both sides in "
+        "this process):")
   for name, t_jax, t_torch in bench_ops(args.batch, args.reps):
     print(f"  {name:30s} hw8jax {t_jax * 1e3:8.2f}  torch {t_torch * 1e3:8.2f}  "
           f"ratio (torch time / hw8jax time) {t_torch / t_jax:5.2f}", flush=True)
-  t_jax, t_torch = bench_epoch(args.epoch_images, args.epoch_batch)
+  t_jax, t_torch = bench_epoch(args.epoch_images, args.epoch_batch, workers[0])
   print(f"fcn_boss epoch with crop, {args.epoch_images} images, batch {args.epoch_batch}: "
         f"hw8jax {t_jax:.1f} s, seed pipeline {t_torch:.1f} s, speed-up {t_torch / t_jax:.2f}x",
         flush=True)
+  stop_workers()
   if not args.skip_fixed:
     print("fixed cost of a whole fcn_boss training process (demo set, batch 14, 4 steps), "
           f"median of {args.reps}, s: start-up (launch to first step, less one step), "

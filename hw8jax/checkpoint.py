@@ -13,6 +13,7 @@ with one line naming it and why, and the next older one is read instead.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import grain
@@ -22,6 +23,15 @@ from flax import nnx
 
 from hw8jax import models, runtime
 from hw8jax.errors import UserError
+
+
+def _not_the_ocdbt_merge_note(record: logging.LogRecord) -> bool:
+  # orbax warns at every save that it found no OCDBT files to merge: true of every checkpoint
+  # written here (use_ocdbt=False, below), so not worth a line in the user's terminal.
+  return "Skipping merge of OCDBT checkpoints" not in str(record.msg)
+
+
+logging.getLogger("absl").addFilter(_not_the_ocdbt_merge_note)
 
 
 def check_writable(workdir: str) -> None:

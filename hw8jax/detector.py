@@ -71,7 +71,7 @@ def load(workdir: str, which: str = "latest") -> Detector:
     raise UserError(f"{workdir}: no config.json of a training run; train first "
                     "(hw8jax.run or launch.py)")
   config_lib.validate(recorded, "score")
-  runtime.use_compilation_cache(recorded.compilation_cache)
+  runtime.prepare(recorded)
   mesh = runtime.make_mesh()
   graphdef, state, step = checkpoint.restore_for_scoring(recorded, workdir, which, mesh)
   return Detector(recorded, int(step), graphdef, state, mesh)

@@ -1,9 +1,14 @@
 """What a run shares between training and scoring: the processes and devices it runs on, its
-mesh, its random keys, its compute dtypes, the compilation cache and the CPU fast-path switch."""
+mesh, its random keys, its compute dtypes, the compilation cache and the CPU fast-path switch
+(with the host allocator settings it brings)."""
 
 from __future__ import annotations
 
+import ctypes
+import importlib.metadata
+import importlib.util
 import os
+import platform
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +61,46 @@ def cpu_fast_paths(setting: str) -> bool:
   return setting == "on" or (setting == "auto" and jax.default_backend() == "cpu")
 
 
+def _cpu_backend_expected() -> bool:
+  """Whether JAX will run on its CPU backend, told without starting a backend: the first
+  platform JAX was asked for, else whether any accelerator plugin (CUDA, ROCm, TPU) is
+  installed for JAX to find."""
+  if jax.config.jax_platforms:
+    return jax.config.jax_platforms.split(",")[0] == "cpu"
+  plugins = {e.name for e in importlib.metadata.entry_points(group="jax_plugins")}
+  if importlib.util.find_spec("jax_plugins") is not None:
+    import pkgutil
+
+    import jax_plugins
+
+    plugins |= {m.name for m in pkgutil.iter_modules(jax_plugins.__path__)}
+  return not plugins and importlib.util.find_spec("libtpu") is None
+
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+
+
+def tune_allocator(setting: str) -> bool:
+  """Under the `cpu_fast_paths` setting, have glibc's malloc keep the large blocks XLA's CPU
+  backend frees after every step, instead of unmapping them and faulting fresh zeroed pages in
+  at the next one (about 70,000 page faults and 120 ms of kernel time per fcn_boss, resnet_boss
+  or multi_encoder step at batch 32 on 2 cores; docs/performance.md). Blocks above 64 MB can only
+  live in the main heap, hence one arena; up to 1 GiB comes from that heap, and up to 2 GiB of
+  free space at its top is kept. Works only before JAX's backend starts (its threads pick their
+  arenas then), so it runs first in a run, and "auto" predicts the backend rather than starting
+  it. True when applied; glibc Linux only (elsewhere a no-op)."""
+  if setting not in CPU_FAST_PATHS:
+    raise ValueError(f"cpu_fast_paths {setting!r}: use one of {', '.join(CPU_FAST_PATHS)}")
+  if setting == "off" or (setting == "auto" and not _cpu_backend_expected()):
+    return False
+  if platform.libc_ver()[0] != "glibc":
+    return False
+  libc = ctypes.CDLL("libc.so.6")
+  return all(libc.mallopt(param, value) == 1 for param, value in (
+      (_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, 1 << 30), (_M_TRIM_THRESHOLD, (1 << 31) - 1)))
+
+
 def scorer_compiler_options(setting: str) -> dict:
   """XLA options for compiling the scorer. On CPU, XLA hands whole forward passes with their
   reductions to YNNPACK as one library fusion, which ran fcn_strong's scorer at half the speed of
@@ -64,6 +109,13 @@ def scorer_compiler_options(setting: str) -> dict:
     return {}
   return {"xla_cpu_experimental_ynn_fusion_type":
           "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
+
+
+def prepare(config) -> None:
+  """What a run or a load sets before JAX starts its backend: the host allocator under
+  `cpu_fast_paths` and the compilation cache."""
+  tune_allocator(config.cpu_fast_paths)
+  use_compilation_cache(config.compilation_cache)
 
 
 def init_distributed(config) -> None:
@@ -92,8 +144,14 @@ def batch_sharded(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
 def run_keys(seed: int) -> dict:
   """Every key of a run, from the config's one seed: model init, training noise (folded with
   the step) and scoring noise (folded with each image's index in the test file)."""
-  init, noise, score = jax.random.split(jax.random.key(seed), 3)
+  init, noise, score = _split_seed(seed)
   return {"init": init, "noise": noise, "score": score}
+
+
+@jax.jit
+def _split_seed(seed):
+  # One program: op by op, the key, the split and the unstacking compiled four (0.2 s).
+  return tuple(jax.random.split(jax.random.key(seed), 3))
 
 
 def is_main_process() -> bool:
