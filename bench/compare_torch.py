@@ -16,7 +16,7 @@ own with glibc's defaults, driven step by step from here so the alternation hold
 PyTorch worker with hw8jax's allocator settings shows what PyTorch would gain from them (the
 "torch*" column). The single-layer table runs both sides in this process.
 
-  python bench/compare_torch.py --quick          # about 15 minutes on a 2-core CPU
+  python bench/compare_torch.py --quick          # about 7 minutes on a 2-core CPU
   python bench/compare_torch.py --batch=2000 --epoch_images=100000
 
 Needs torch (the test extra). The PyTorch originals are the test suite's references

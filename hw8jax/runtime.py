@@ -77,6 +77,14 @@ def _cpu_backend_expected() -> bool:
   return not plugins and importlib.util.find_spec("libtpu") is None
 
 
+def _backend_started() -> bool:
+  # JAX has no public way to ask this; without the private one, assume it has not started.
+  from jax._src import xla_bridge
+
+  started = getattr(xla_bridge, "backends_are_initialized", None)
+  return bool(started and started())
+
+
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 
@@ -89,10 +97,14 @@ def tune_allocator(setting: str) -> bool:
   live in the main heap, hence one arena; up to 1 GiB comes from that heap, and up to 2 GiB of
   free space at its top is kept. Works only before JAX's backend starts (its threads pick their
   arenas then), so it runs first in a run, and "auto" predicts the backend rather than starting
-  it. True when applied; glibc Linux only (elsewhere a no-op)."""
+  it. Not made once the backend has started (a notebook that used JAX before `run`): they would
+  then keep freed memory without the gain. True when applied; glibc Linux only (elsewhere a
+  no-op)."""
   if setting not in CPU_FAST_PATHS:
     raise ValueError(f"cpu_fast_paths {setting!r}: use one of {', '.join(CPU_FAST_PATHS)}")
   if setting == "off" or (setting == "auto" and not _cpu_backend_expected()):
+    return False
+  if _backend_started():
     return False
   if platform.libc_ver()[0] != "glibc":
     return False
