@@ -304,7 +304,7 @@ def _follow_pytorch(variant, schedule, dtype, rel, seed, steps=20, batch=16):
                                           compute_dtype=dtype))
   state = train.init_state(params, stats, tx)
 
-  opt = torch.optim.Adam(ref.parameters(), lr=1e-3)
+  opt = torch.optim.Adam(ref.parameters(), lr=1e-3, foreach=True)  # the same sums, batched
   torch_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: float(sched(s)) / 1e-3)
   ref.train()
   batches = data.train_dataset(images, batch_size=batch, seed=1, num_steps=steps)
