@@ -37,6 +37,13 @@ def pytest_configure(config):
   import tiny  # imports jax: after the environment is set
 
   tiny.register()
+  # JAX's backend started here keeps these processes on glibc's allocator defaults: otherwise
+  # the first `run` of a session tunes the allocator (runtime.tune_allocator) for every test
+  # after it, and a pytest worker then holds its peak heap (7.2 GB peak instead of 3.8 GB).
+  # launch.py subprocesses still tune theirs, as a user's run does.
+  import jax
+
+  jax.devices()
 
 
 def require_torch():
