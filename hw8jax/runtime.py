@@ -53,11 +53,15 @@ def use_compilation_cache(setting: str) -> None:
   cc.reset_cache()
 
 
+def _check_fast_paths(setting: str) -> None:
+  if setting not in CPU_FAST_PATHS:
+    raise ValueError(f"cpu_fast_paths {setting!r}: use one of {', '.join(CPU_FAST_PATHS)}")
+
+
 def cpu_fast_paths(setting: str) -> bool:
   """Whether hw8jax's CPU-tuned paths run under the `cpu_fast_paths` setting ("auto": on the
   CPU backend only; "on"; "off": XLA's own forms and compiler defaults everywhere)."""
-  if setting not in CPU_FAST_PATHS:
-    raise ValueError(f"cpu_fast_paths {setting!r}: use one of {', '.join(CPU_FAST_PATHS)}")
+  _check_fast_paths(setting)
   return setting == "on" or (setting == "auto" and jax.default_backend() == "cpu")
 
 
@@ -100,8 +104,7 @@ def tune_allocator(setting: str) -> bool:
   it. Not made once the backend has started (a notebook that used JAX before `run`): they would
   then keep freed memory without the gain. True when applied; glibc Linux only (elsewhere a
   no-op)."""
-  if setting not in CPU_FAST_PATHS:
-    raise ValueError(f"cpu_fast_paths {setting!r}: use one of {', '.join(CPU_FAST_PATHS)}")
+  _check_fast_paths(setting)
   if setting == "off" or (setting == "auto" and not _cpu_backend_expected()):
     return False
   if _backend_started():

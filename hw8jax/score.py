@@ -40,7 +40,11 @@ def image_error(recon: jax.Array, x: jax.Array, metric: str, topk: int = 256) ->
     return jnp.mean(jnp.abs(d))
   if metric == "topk":
     return jnp.mean(jax.lax.top_k((d * d).ravel(), topk)[0])
-  raise ValueError(f"unknown score metric {metric!r}; choose one of {', '.join(METRICS)}")
+  raise _unknown_metric(metric)
+
+
+def _unknown_metric(metric: str) -> ValueError:
+  return ValueError(f"unknown score metric {metric!r}; choose one of {', '.join(METRICS)}")
 
 
 def make_scorer(graphdef, *, metric: str = "l2", topk: int = 256, sample: bool = True,
@@ -54,7 +58,7 @@ def make_scorer(graphdef, *, metric: str = "l2", topk: int = 256, sample: bool =
   skips the keys. `fast_paths` is the `cpu_fast_paths` setting (it chooses XLA's options).
   """
   if metric not in METRICS:  # now, not at the first batch
-    raise ValueError(f"unknown score metric {metric!r}; choose one of {', '.join(METRICS)}")
+    raise _unknown_metric(metric)
 
   def reconstruct(model, x, index, key):
     if not sample:
