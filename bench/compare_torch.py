@@ -29,6 +29,7 @@ import argparse
 import multiprocessing
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -320,25 +321,29 @@ def bench_fixed_cost(reps: int, steps: int = 4):
   """Fixed cost of a whole fcn_boss training process on the demo set (batch 14, `steps` steps,
   every step logged), hw8jax's launch.py against a PyTorch script of the same work (imports,
   data, model, Adam, the steps, torch.save of model and optimiser). hw8jax twice: with an empty
-  compilation cache (cold) and with the one that run left (warm). Medians of `reps`, alternating."""
+  compilation cache (cold) and with the one that run left (warm). Medians of `reps`, alternating.
+  Each process starts on a quiet disk: the one before's 1.5 GB of outputs are removed and the
+  disk flushed (piled up, 15 runs' 22 GB slowed every later save, on both sides)."""
   with tempfile.TemporaryDirectory() as tmp:
     data_dir = os.path.join(tmp, "data")
     make_demo(data_dir)
     rows = {"hw8jax (cold cache)": [], "hw8jax (warm cache)": [], "PyTorch script": []}
+    out = os.path.join(tmp, "out")
     for r in range(reps):
       cache = os.path.join(tmp, f"cache{r}")
       for name in rows:
         if name.startswith("PyTorch"):
           script = TORCH_RUN.format(tests=os.path.join(ROOT, "tests"), data=data_dir,
-                                    steps=steps, out=os.path.join(tmp, f"torch{r}.pt"))
+                                    steps=steps, out=out)
           command = [sys.executable, "-c", script]
         else:
-          workdir = os.path.join(tmp, f"run{r}-{len(rows[name])}-{name[8:12]}")
           command = [sys.executable, "launch.py", "--config=configs/fcn_boss.py:demo",
-                     f"--workdir={workdir}", "--mode=train", f"--config.data.dir={data_dir}",
+                     f"--workdir={out}", "--mode=train", f"--config.data.dir={data_dir}",
                      f"--config.max_steps={steps}", "--config.num_epochs=100",
                      "--config.log_every_seconds=0", f"--config.compilation_cache={cache}"]
         rows[name].append(timed_process(command, steps))
+        shutil.rmtree(out) if os.path.isdir(out) else os.remove(out)
+        os.sync()
   return {name: [statistics.median(col) for col in zip(*runs, strict=True)]
           for name, runs in rows.items()}
 
