@@ -33,7 +33,7 @@ from hw8jax.main import run
 from conftest import launch, quick_config
 
 STEPS = 6
-EIGHT = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+EIGHT = {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"}
 
 
 @pytest.fixture(scope="module")
