@@ -342,7 +342,10 @@ def bench_fixed_cost(reps: int, steps: int = 4):
                      f"--config.max_steps={steps}", "--config.num_epochs=100",
                      "--config.log_every_seconds=0", f"--config.compilation_cache={cache}"]
         rows[name].append(timed_process(command, steps))
-        shutil.rmtree(out) if os.path.isdir(out) else os.remove(out)
+        if os.path.isdir(out):
+          shutil.rmtree(out)
+        else:
+          os.remove(out)
         os.sync()
   return {name: [statistics.median(col) for col in zip(*runs, strict=True)]
           for name, runs in rows.items()}
