@@ -11,7 +11,7 @@ import time
 import jax
 
 from hw8jax import config as config_lib
-from hw8jax import data, train
+from hw8jax import data, runtime, train
 
 
 def alternate(fns, reps: int, warmup: int = 2) -> list[float]:
@@ -35,12 +35,14 @@ def machine() -> str:
 def train_step_runner(variant: str, train_def, params, stats, images):
   """A function running one train step of `variant` (Adam, the config's defaults, `images`
   normalised in the step) and blocking on its loss; and one giving the step's current
-  arguments. The step donates its state: `params` and `stats` are used up."""
+  arguments. Compiled as a run compiles it. The step donates its state: `params` and `stats` are
+  used up."""
   cfg = config_lib.base_config(variant)
   tx = train.make_optimizer(cfg, train.make_schedule(cfg, 100))
-  step = jax.jit(train.make_train_step(train_def, tx, variant, data.normalize,
-                                       jax.random.key(0)), donate_argnums=0)
-  box = {"state": train.init_state(params, stats, tx)}
+  mesh = runtime.make_mesh()
+  step = train.jit_train_step(train.make_train_step(train_def, tx, variant, data.normalize,
+                                                    jax.random.key(0)), mesh, cfg.cpu_fast_paths)
+  box = {"state": jax.device_put(train.init_state(params, stats, tx), runtime.replicated(mesh))}
 
   def run():
     box["state"], m = step(box["state"], images)

@@ -116,14 +116,21 @@ def tune_allocator(setting: str) -> bool:
       (_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, 1 << 30), (_M_TRIM_THRESHOLD, (1 << 31) - 1)))
 
 
-def scorer_compiler_options(setting: str) -> dict:
-  """XLA options for compiling the scorer. On CPU, XLA hands whole forward passes with their
-  reductions to YNNPACK as one library fusion, which ran fcn_strong's scorer at half the speed of
-  letting YNNPACK take only the single dots and convs (docs/performance.md)."""
+# What XLA's CPU backend hands to YNNPACK in each program (jaxlib 0.10.2's default: single dots,
+# single convs and reductions). Convs stay on XLA's own path in both: YNNPACK's were slower for
+# every conv variant at every batch measured (train steps 1.03x to 1.48x, scorers 1.26x to 1.43x;
+# docs/performance.md). The scorer also leaves the reductions to XLA: as one YNNPACK fusion with
+# them, fcn_strong's scorer ran at half the speed.
+YNN_FUSIONS = {"train_step": ("INDIVIDUAL_DOT", "REDUCE"), "scorer": ("INDIVIDUAL_DOT",)}
+
+
+def compiler_options(setting: str, program: str) -> dict:
+  """XLA options for compiling `program` ("train_step" or "scorer") under the `cpu_fast_paths`
+  setting: on CPU, what YNNPACK takes (`YNN_FUSIONS`); elsewhere or with "off", XLA's defaults."""
   if not cpu_fast_paths(setting) or jax.default_backend() != "cpu":
     return {}
   return {"xla_cpu_experimental_ynn_fusion_type":
-          "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
+          ",".join(f"LIBRARY_FUSION_TYPE_{kind}" for kind in YNN_FUSIONS[program])}
 
 
 def prepare(config) -> None:

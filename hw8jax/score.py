@@ -68,7 +68,7 @@ def make_scorer(graphdef, *, metric: str = "l2", topk: int = 256, sample: bool =
     per_image = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, index)
     return model(x, rngs=nnx.Rngs(noise=key, per_image=per_image))[0]
 
-  @functools.partial(jax.jit, compiler_options=runtime.scorer_compiler_options(fast_paths))
+  @functools.partial(jax.jit, compiler_options=runtime.compiler_options(fast_paths, "scorer"))
   def score(model_state, images, index, key):
     params, stats = model_state
     model = nnx.merge(graphdef, jax.tree.map(lambda p: p.astype(compute_dtype), params), stats)

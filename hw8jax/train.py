@@ -162,11 +162,13 @@ def make_train_step(graphdef, tx, variant: str, transform, key, compute_dtype=jn
   return step_fn
 
 
-def jit_train_step(step_fn, mesh):
-  """`step_fn` compiled for `mesh`: state replicated and donated, the batch sharded."""
+def jit_train_step(step_fn, mesh, fast_paths: str):
+  """`step_fn` compiled for `mesh`: state replicated and donated, the batch sharded; with the
+  XLA options of the `cpu_fast_paths` setting `fast_paths`."""
   replicated = runtime.replicated(mesh)
   return jax.jit(step_fn, in_shardings=(replicated, runtime.batch_sharded(mesh)),
-                 out_shardings=(replicated, replicated), donate_argnums=0)
+                 out_shardings=(replicated, replicated), donate_argnums=0,
+                 compiler_options=runtime.compiler_options(fast_paths, "train_step"))
 
 
 # --- the run
@@ -287,7 +289,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_images, test_im
     state = jax.device_put(jax.jit(lambda p, s: init_state(p, s, tx))(params, stats), replicated)
     transform = data.get_transform(config.data.transform)
     step_fn = jit_train_step(make_train_step(train_def, tx, config.model, transform,
-                                             keys["noise"], compute_dtype), mesh)
+                                             keys["noise"], compute_dtype), mesh,
+                             config.cpu_fast_paths)
     evaluation = _epoch_evaluation(config, eval_def, train_images, val_index, test_images,
                                    test_labels)
 

@@ -4,15 +4,18 @@ switch that turns them off."""
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
-from hw8jax import models, runtime
+from hw8jax import data, models, runtime, train
 from hw8jax.models import convolution, layers
+from hw8jax.score import make_scorer
 
 
 def conv_layers_in(variant: str) -> dict:
@@ -153,6 +156,38 @@ def test_fast_paths_off_runs_xla_forms_and_auto_follows_the_backend():
   assert "dot_general" in primitives(conv, x)
   with pytest.raises(ValueError, match="cpu_fast_paths 'xla': use one of auto, on, off"):
     models.set_fast_paths(conv, "xla")
+
+
+def ynnpack_convs(hlo: str) -> int:
+  """How many convs of a compiled CPU program run in YNNPACK (XLA names those fusions
+  ynn_fusion; each calls a computation holding the conv)."""
+  called = re.findall(r"%ynn_fusion[\w.\-]* = .*calls=%([\w.\-]+)", hlo)
+  bodies = dict(re.findall(r"^%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo, re.S | re.M))
+  return sum(" convolution(" in bodies.get(name, "") for name in called)
+
+
+def test_fast_paths_keep_convs_off_ynnpack_in_the_train_step_and_the_scorer():
+  """Under `cpu_fast_paths` the convs of a run's train step and scorer stay on XLA's own CPU
+  path (YNNPACK's were slower for every conv variant: docs/performance.md); "off" gives XLA's
+  defaults, where YNNPACK takes ta_cnn's convs of more than 16 channels."""
+  images = np.zeros((4, 64, 64, 3), np.uint8)
+  mesh = runtime.make_mesh()
+  found = {}
+  for setting in ("auto", "off"):
+    model = models.build("ta_cnn", rngs=nnx.Rngs(0))
+    models.set_fast_paths(model, setting)
+    graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    tx = optax.sgd(1e-3)
+    step = train.jit_train_step(train.make_train_step(graphdef, tx, "ta_cnn", data.normalize,
+                                                      jax.random.key(0)), mesh, setting)
+    state = train.init_state(params, stats, tx)
+    model.eval()
+    scorer = make_scorer(nnx.graphdef(model), stochastic=False, fast_paths=setting)
+    score_args = ((params, stats), images, np.arange(4), jax.random.key(0))
+    found[setting] = [ynnpack_convs(fn.lower(*args).compile().as_text())
+                      for fn, args in ((step, (state, images)), (scorer, score_args))]
+  assert found["auto"] == [0, 0]
+  assert min(found["off"]) > 0, found
 
 
 FAULTS_OF_REPEATED_BLOCKS = """

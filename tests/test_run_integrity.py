@@ -476,8 +476,8 @@ def test_images_per_second_counts_finished_steps(data_dir, tmp_path, monkeypatch
       queued.clear()
       return float(self.value)
 
-  def dispatching(step_fn, mesh):
-    compiled = real(step_fn, mesh)
+  def dispatching(*args):
+    compiled = real(*args)
 
     def step(state, images):
       state, metrics = compiled(state, images)
