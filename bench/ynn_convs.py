@@ -1,0 +1,90 @@
+"""The conv variants' train steps and scorers with their convs in YNNPACK (XLA's CPU default)
+and on XLA's own path (`runtime.YNN_FUSIONS`, what a run compiles under `cpu_fast_paths`), not a
+test: medians of alternating turns, ms a call. The measurements behind `runtime.YNN_FUSIONS`;
+docs/performance.md ("Convolutions off YNNPACK") has them.
+
+  python bench/ynn_convs.py                          # batch 32 and 256, score batch 500
+  python bench/ynn_convs.py --variants=ta_cnn --batches=32,64,128
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import timing
+from flax import nnx
+
+from hw8jax import config as config_lib
+from hw8jax import data, models, runtime, train
+from hw8jax.data.demo import synthetic_images
+from hw8jax.score import make_scorer
+
+# XLA's CPU default for the train step (jaxlib 0.10.2), and the scorer's options before its
+# convs left YNNPACK: the "YNNPACK convs" side of each comparison.
+YNN_CONVS = {"train_step": {},
+             "scorer": {"xla_cpu_experimental_ynn_fusion_type":
+                        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,"
+                        "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}}
+
+
+def train_steps(variant: str, batch: int):
+  """Two train-step runners of `variant` (YNNPACK convs, XLA's own), each blocking on its loss."""
+  cfg = config_lib.base_config(variant)
+  tx = train.make_optimizer(cfg, train.make_schedule(cfg, 100))
+  images = jax.device_put(synthetic_images(batch, 0))
+  runs = []
+  for options in (YNN_CONVS["train_step"], runtime.compiler_options("on", "train_step")):
+    model = models.build(variant, rngs=nnx.Rngs(0))
+    graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    step = jax.jit(train.make_train_step(graphdef, tx, variant, data.normalize,
+                                         jax.random.key(0)),
+                   donate_argnums=0, compiler_options=options)
+    box = {"state": train.init_state(params, stats, tx)}
+
+    def run(step=step, box=box):
+      box["state"], metrics = step(box["state"], images)
+      jax.block_until_ready(metrics["loss"])
+
+    runs.append(run)
+  return runs
+
+
+def scorers(variant: str, batch: int):
+  """Two scorer runners of `variant` (YNNPACK convs, XLA's own), each blocking on its scores."""
+  model = models.build(variant, rngs=nnx.Rngs(0))
+  model.eval()
+  graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  # The scorer's function before make_scorer's jit, compiled here with each side's options.
+  score = make_scorer(graphdef, stochastic=variant in models.STOCHASTIC).__wrapped__
+  args = ((params, stats), jax.device_put(synthetic_images(batch, 0)), jnp.arange(batch),
+          jax.random.key(0))
+  compiled = [jax.jit(score, compiler_options=options)
+              for options in (YNN_CONVS["scorer"], runtime.compiler_options("on", "scorer"))]
+  return [lambda fn=fn: jax.block_until_ready(fn(*args)) for fn in compiled]
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--variants", default="ta_cnn,ta_vae,multi_encoder,resnet_boss")
+  p.add_argument("--batches", default="32,256", help="train batches")
+  p.add_argument("--score_batch", type=int,
+                 default=config_lib.base_config("fcn_boss").score.batch_size)
+  p.add_argument("--reps", type=int, default=5)
+  args = p.parse_args()
+  runtime.tune_allocator("auto")  # as a run does, before JAX starts
+  print("machine:", timing.machine())
+  print(f"median of {args.reps} turns, ms a call: YNNPACK convs / XLA's own convs")
+  for variant in args.variants.split(","):
+    for batch in map(int, args.batches.split(",")):
+      ynn, own = timing.alternate(train_steps(variant, batch), args.reps)
+      print(f"  {variant:14s} train step, batch {batch:4d}  {ynn * 1e3:9.2f} / {own * 1e3:9.2f}",
+            flush=True)
+    ynn, own = timing.alternate(scorers(variant, args.score_batch), args.reps)
+    print(f"  {variant:14s} scorer, batch {args.score_batch:4d}      {ynn * 1e3:9.2f} / "
+          f"{own * 1e3:9.2f}", flush=True)
+
+
+if __name__ == "__main__":
+  main()
