@@ -41,16 +41,19 @@ def machine() -> str:
           f"{jax.device_count()} x {jax.devices()[0].device_kind}")
 
 
-def train_step_runner(variant: str, train_def, params, stats, images):
+def train_step_runner(variant: str, train_def, params, stats, images, compiler_options=None):
   """A function running one train step of `variant` (Adam, the config's defaults, `images`
   normalised in the step) and blocking on its loss; and one giving the step's current
-  arguments. Compiled as a run compiles it. The step donates its state: `params` and `stats` are
-  used up."""
+  arguments. Compiled as a run compiles it, or with the XLA `compiler_options` given instead of
+  the run's. The step donates its state: `params` and `stats` are used up."""
   cfg = config_lib.base_config(variant)
   tx = train.make_optimizer(cfg, train.make_schedule(cfg, 100))
   mesh = runtime.make_mesh()
-  step = train.jit_train_step(train.make_train_step(train_def, tx, variant, data.normalize,
-                                                    jax.random.key(0)), mesh, cfg.cpu_fast_paths)
+  step_fn = train.make_train_step(train_def, tx, variant, data.normalize, jax.random.key(0))
+  if compiler_options is None:
+    step = train.jit_train_step(step_fn, mesh, cfg.cpu_fast_paths)
+  else:
+    step = jax.jit(step_fn, donate_argnums=0, compiler_options=compiler_options)
   box = {"state": jax.device_put(train.init_state(params, stats, tx), runtime.replicated(mesh))}
 
   def run():

@@ -17,7 +17,7 @@ import timing
 from flax import nnx
 
 from hw8jax import config as config_lib
-from hw8jax import data, models, runtime, train
+from hw8jax import models, runtime
 from hw8jax.data.demo import synthetic_images
 from hw8jax.score import make_scorer
 
@@ -31,22 +31,13 @@ YNN_CONVS = {"train_step": {},
 
 def train_steps(variant: str, batch: int):
   """Two train-step runners of `variant` (YNNPACK convs, XLA's own), each blocking on its loss."""
-  cfg = config_lib.base_config(variant)
-  tx = train.make_optimizer(cfg, train.make_schedule(cfg, 100))
   images = jax.device_put(synthetic_images(batch, 0))
   runs = []
   for options in (YNN_CONVS["train_step"], runtime.compiler_options("on", "train_step")):
     model = models.build(variant, rngs=nnx.Rngs(0))
     graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    step = jax.jit(train.make_train_step(graphdef, tx, variant, data.normalize,
-                                         jax.random.key(0)),
-                   donate_argnums=0, compiler_options=options)
-    box = {"state": train.init_state(params, stats, tx)}
-
-    def run(step=step, box=box):
-      box["state"], metrics = step(box["state"], images)
-      jax.block_until_ready(metrics["loss"])
-
+    run, _, _ = timing.train_step_runner(variant, graphdef, params, stats, images,
+                                         compiler_options=options)
     runs.append(run)
   return runs
 
