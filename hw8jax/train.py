@@ -91,7 +91,7 @@ def init_model(config, key: jax.Array):
 
     model = load_torch_weights(config.model, config.init_from)
   else:
-    model = _built(config.model, key)
+    model = _built(config.model, runtime.draw_key(key, config.cpu_fast_paths))
   models.set_fast_paths(model, config.cpu_fast_paths)
   model.train()
   train_def, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)

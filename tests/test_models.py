@@ -107,6 +107,39 @@ def test_the_config_seed_alone_draws_the_initial_weights(seed):
   assert set(data) == {"init", "noise", "score"} and len(set(data.values())) == 3
 
 
+def test_weights_drawn_under_cpu_fast_paths_are_jax_default_threefry_bits(seed):
+  """runtime.FUSED_THREEFRY, the key kind the initial weights are drawn with under
+  cpu_fast_paths: JAX's own threefry bits, splits and folds, bit for bit, from a program without
+  the while loop of JAX's CPU form. Through train.init_model: the same weights with the fast path
+  on and off."""
+  from hw8jax import config as config_lib
+  from hw8jax import runtime, train
+
+  key = jax.random.key(seed)
+  fused = runtime.draw_key(key, "on")
+  assert runtime.draw_key(key, "off") is key
+  assert jax.random.key_impl(fused) != jax.random.key_impl(key)
+  for shape in [(7,), (3, 5, 2), (64, 3, 3, 3), (0,)]:
+    for draw in (jax.random.uniform, jax.random.normal,
+                 lambda k, s: jax.random.bits(k, s, jnp.uint32),
+                 lambda k, s: jax.random.bits(k, s, jnp.uint8)):
+      np.testing.assert_array_equal(draw(fused, shape), draw(key, shape))
+  for derive in (lambda k: jax.random.split(k, 3), lambda k: jax.random.fold_in(k, 17)):
+    np.testing.assert_array_equal(jax.random.key_data(derive(fused)),
+                                  jax.random.key_data(derive(key)))
+  program = jax.jit(lambda k: jax.random.uniform(k, (1000,))).lower(fused).as_text()
+  assert "while" not in program
+
+  c = config_lib.base_config("ta_vae")
+  weights = {}
+  for setting in ("on", "off"):
+    c.cpu_fast_paths = setting
+    weights[setting] = jax.tree.leaves(train.init_model(c, key)[2:])
+  assert len(weights["on"]) == 14
+  for a, b in zip(weights["on"], weights["off"], strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
 def _stats(a: np.ndarray):
   """(mean, std, max |a|, kurtosis). Squares, not `** 4`: numpy's float power calls pow() per
   element, 20 s over fcn_boss's tensors."""
