@@ -32,6 +32,20 @@ def test_unknown_variant_is_a_clear_error():
     models.build("fcn_huge", rngs=nnx.Rngs(0))
 
 
+def test_registering_a_model_that_keeps_other_state_is_a_clear_error():
+  """A run keeps only parameters and BatchNorm statistics; a model that keeps a key (Dropout
+  given rngs) is refused when registered, naming what it keeps, and is not registered."""
+  class KeepsAKey(nnx.Module):
+    def __init__(self, rngs):
+      self.linear = layers.Linear(4, 4, rngs=rngs)
+      self.dropout = nnx.Dropout(0.5, rngs=rngs)
+
+  with pytest.raises(ValueError, match=r"model 'keeps_a_key' keeps state other than nnx.Param "
+                     r"and nnx.BatchStat \(dropout\.rngs\.count, dropout\.rngs\.key\); "):
+    models.register("keeps_a_key", KeepsAKey, loss=lambda x, recon, aux: (0.0, {}))
+  assert "keeps_a_key" not in models.REGISTRY
+
+
 @nnx.jit
 def sampled_call(model, x, key):
   return model(x, rngs=nnx.Rngs(noise=key))

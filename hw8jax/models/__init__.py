@@ -38,15 +38,29 @@ def register(name: str, builder: Callable[..., nnx.Module], *, loss: Callable,
              stochastic: bool = False) -> None:
   """Add a variant: `builder(rngs=...)` returns a model with the contract above and `loss(x,
   recon, aux) -> (loss, terms)` is its training loss (`hw8jax.losses`). After this, configs may
-  name it in `model` (in this process: a launch in another process must register it too)."""
+  name it in `model` (in this process: a launch in another process must register it too).
+  The builder is run once abstractly (no weights drawn) to check what the model keeps."""
   if name in VARIANTS:
     raise ValueError(f"model {name!r} is an original variant; choose another name")
+  _check_state(name, builder)
   REGISTRY[name] = builder
   losses.LOSSES[name] = loss
   if stochastic:
     STOCHASTIC.add(name)
   else:
     STOCHASTIC.discard(name)
+
+
+def _check_state(name: str, builder: Callable[..., nnx.Module]) -> None:
+  """A run trains, checkpoints and restores a model's `nnx.Param`s and `nnx.BatchStat`s; any other
+  state (a key kept by `nnx.Dropout(..., rngs=...)`, a custom variable) would be lost."""
+  _, _, _, other = nnx.split(nnx.eval_shape(lambda: builder(rngs=nnx.Rngs(0))),
+                             nnx.Param, nnx.BatchStat, ...)
+  paths = [".".join(map(str, path)) for path, _ in nnx.to_flat_state(other)]
+  if paths:
+    raise ValueError(f"model {name!r} keeps state other than nnx.Param and nnx.BatchStat "
+                     f"({', '.join(paths)}); hw8jax trains and checkpoints only those: take "
+                     "randomness as a call argument (`rngs`) instead of keeping it")
 
 
 def build(name: str, *, rngs: nnx.Rngs) -> nnx.Module:
