@@ -98,14 +98,6 @@ def seed(request):
   return value
 
 
-def jit_options(dtype) -> dict:
-  """Per-program XLA options for a test's jit of `dtype` work. The suite compiles at LLVM level 0
-  (pytest_configure), which suits float32, whose convs and dots are library calls. Float64 convs
-  are XLA's own loops, and at level 0 they ran 17x slower (ta_cnn's gradient at batch 16: 1.2 s
-  against 0.07 s), so float64 programs get XLA's default level back."""
-  return {"xla_backend_optimization_level": 2} if np.dtype(dtype) == np.float64 else {}
-
-
 def images(rng: np.random.Generator, n: int) -> np.ndarray:
   """n random NHWC float32 images in [-1, 1]."""
   return rng.uniform(-1, 1, (n, 64, 64, 3)).astype(np.float32)
