@@ -1,14 +1,20 @@
-"""PyTorch files as the originals write them: whole models pickled from a notebook (classes in
-`__main__`), read without running anything in them; pickles that ask for more are refused."""
+"""PyTorch files: what torch.save writes (whole models pickled from a notebook, classes in
+`__main__`; state_dicts; every storage dtype, shared storages and views) read as torch.load
+reads it, without torch; hand-written hostile files (tests/hostile_files.py) read as data or
+refused in one line, from the reader and from launch.py."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import time
+import zipfile
 
+import hostile_files
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,13 +24,14 @@ from flax import nnx
 
 from hw8jax import models, report
 from hw8jax.data.demo import make_synthetic
-from hw8jax.torch_import import load_state_dict
-from hw8jax.torch_pickle import UnsafePickleError
+from hw8jax.torch_import import load_state_dict, read_file
 
 from conftest import TESTS, cli, quick_config, require_torch
 
 # Run as `python -c` so that every class the file pickles is `__main__.<name>`, as a notebook's.
 WRITE_WHOLE_MODELS = textwrap.dedent("""
+    import hashlib
+    import json
     import sys
     import numpy as np
     import torch
@@ -54,6 +61,10 @@ WRITE_WHOLE_MODELS = textwrap.dedent("""
             with torch.no_grad():
                 err = (model(t)[0] - t).pow(2).sum(dim=(1, 2, 3)).sqrt()
             np.save(f"{out}/{name}_scores.npy", err.numpy())
+        with open(f"{out}/{name}_state_dict.json", "w") as f:  # what torch.load gives
+            json.dump([[k, str(v.numpy().dtype), list(v.shape),
+                        hashlib.sha256(v.numpy().tobytes()).hexdigest()]
+                       for k, v in model.state_dict().items()], f)
         torch.save(model, f"{out}/last_model_{name}.pt")
         del model
 """)
@@ -135,40 +146,209 @@ def test_training_starts_from_a_pytorch_file(whole_model_files, tmp_path):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-30)
 
 
-def _touch(path):
-  open(path, "w").close()
+READ_WITHOUT_TORCH = textwrap.dedent("""
+    import hashlib
+    import json
+    import sys
+    import numpy as np
+    sys.modules["torch"] = None  # `import torch` fails in this process
+    from hw8jax.torch_import import read_file
+    print(json.dumps({"jax": "jax" in sys.modules, "files": [
+        [[k, str(v.dtype), list(v.shape),
+          hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest()]
+         for k, v in read_file(path).items()] for path in sys.argv[1:]]}))
+""")
 
 
-class _Payload:
-  """Pickles as `call(*args)`: what a malicious file does with `__reduce__`."""
-
-  def __init__(self, call, *args):
-    self.call, self.args = call, args
-
-  def __reduce__(self):
-    return self.call, self.args
+def _same_arrays(got: dict, want: dict) -> None:
+  """The same keys in the same order, and per key the same dtype, shape and bytes."""
+  assert list(got) == list(want)
+  for key, expected in want.items():
+    assert (got[key].dtype, got[key].shape) == (expected.dtype, expected.shape), key
+    assert np.ascontiguousarray(got[key]).tobytes() == np.ascontiguousarray(expected).tobytes()
 
 
-def _payloads(marker):
-  return {
-      "os.system": (_Payload(os.system, f"touch {marker}"), f"{os.system.__module__}.system"),
-      "builtins.eval": (_Payload(eval, f"open({str(marker)!r}, 'w').close()"), "builtins.eval"),
-      "subprocess.Popen": (_Payload(subprocess.Popen, ["touch", str(marker)]),
-                           "subprocess.Popen"),
-      "unknown callable": (_Payload(_touch, str(marker)), f"{__name__}._touch"),
-  }
+def _same_as_torch_load(path, got: dict) -> None:
+  """`got` holds exactly what torch.load gives for the state_dict file `path`."""
+  import ml_dtypes
 
-
-@pytest.mark.parametrize("kind", ["os.system", "builtins.eval", "subprocess.Popen",
-                                  "unknown callable"])
-def test_a_file_that_asks_to_run_code_is_refused_in_one_line(kind, tmp_path):
   torch = require_torch()
-  marker = tmp_path / "ran"
-  payload, global_name = _payloads(marker)[kind]
-  path = tmp_path / "model.pt"
-  torch.save({"encoder.0.weight": torch.zeros(3), "extra": payload}, path)
-  with pytest.raises(UnsafePickleError) as err:
-    load_state_dict(nnx.eval_shape(lambda: models.build("ta_fcn", rngs=nnx.Rngs(0))), path)
-  assert str(err.value) == (f"{path}: refused: it asks to call {global_name}, which is not a "
-                            "tensor or a module; nothing in the file was run")
-  assert not marker.exists()
+  want = {k: t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+          if t.dtype == torch.bfloat16 else t.numpy() for k, t in torch.load(path).items()}
+  _same_arrays(got, want)
+
+
+def test_the_originals_files_are_read_as_torch_load_reads_them_without_torch(
+    whole_model_files):
+  """The whole-model files of all eight originals, read in a process where `import torch`
+  fails (and JAX is not loaded either), equal torch.load's state_dict of each."""
+  out, seed = whole_model_files
+  print(f"seed={seed}")
+  paths = [str(out / f"last_model_{v}.pt") for v in models.VARIANTS]
+  r = subprocess.run([sys.executable, "-c", READ_WITHOUT_TORCH, *paths], capture_output=True,
+                     text=True, timeout=120)
+  assert r.returncode == 0, r.stderr
+  read = json.loads(r.stdout)
+  assert not read["jax"]
+  for variant, got in zip(models.VARIANTS, read["files"], strict=True):
+    # Keys in order, dtypes, shapes and the bytes' digests.
+    assert got == json.load(open(out / f"{variant}_state_dict.json")), variant
+
+
+def test_the_reader_matches_torch_load_on_every_dtype_shared_storage_and_view(tmp_path, seed):
+  """torch.save files of every storage dtype; tensors sharing one storage, with offsets,
+  transposes and steps; a module's state_dict; the same archive under another top folder and
+  rewritten big-endian: read_file gives what torch.load gives."""
+  torch = require_torch()
+  torch.manual_seed(seed)
+  base = torch.randn(4, 6, dtype=torch.float64)
+  tensors = {
+      "float32": torch.randn(3, 5), "float64": base, "float16": torch.randn(7).half(),
+      "bfloat16": torch.randn(2, 3).bfloat16(), "int8": torch.randint(-128, 128, (9,),
+                                                                       dtype=torch.int8),
+      "int16": torch.randint(-999, 999, (4,), dtype=torch.int16),
+      "int32": torch.randint(-99999, 99999, (2, 2), dtype=torch.int32),
+      "int64": torch.randint(-2**40, 2**40, (3,)), "uint8": torch.randint(0, 256, (5,),
+                                                                          dtype=torch.uint8),
+      "bool": torch.rand(6) > 0.5, "offset": base[1:3], "transposed": base.t(),
+      "stepped": base[1:, ::2], "element": base[2, 3], "empty": base[:0],
+  }
+  assert tensors["stepped"].untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+  paths = {"tensors": tmp_path / "tensors.pt", "module": tmp_path / "module.pt"}
+  torch.save(tensors, paths["tensors"])
+  torch.save(torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2)).state_dict(),
+             paths["module"])
+  paths["renamed"] = _rewrite(paths["tensors"], tmp_path / "renamed.pt", top="my_model")
+  paths["big_endian"] = _rewrite(paths["tensors"], tmp_path / "big.pt",
+                                 itemsizes=_itemsizes(tensors))
+  for path in paths.values():
+    got = read_file(path)
+    _same_as_torch_load(path, got)
+  got = read_file(paths["tensors"])
+  assert got["stepped"].base is not None and not got["stepped"].flags.writeable  # a view
+
+
+def _rewrite(source, target, top: str | None = None, itemsizes: dict | None = None):
+  """The archive `source` under another top folder, or with its storages byte-swapped
+  (`itemsizes`: element size per storage key) and `byteorder` saying big: what torch.save
+  writes on a big-endian machine."""
+  swap = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+  with zipfile.ZipFile(source) as src, zipfile.ZipFile(target, "w") as dst:
+    old = src.namelist()[0].split("/")[0]
+    for info in src.infolist():
+      raw, rest = src.read(info), info.filename.split("/", 1)[1]
+      if itemsizes and rest == "byteorder":
+        raw = b"big"
+      elif itemsizes and rest.startswith("data/") and rest[5:] in itemsizes:
+        raw = np.frombuffer(raw, swap[itemsizes[rest[5:]]]).byteswap().tobytes()
+      dst.writestr(f"{top or old}/{rest}", raw)
+  return target
+
+
+def _itemsizes(tensors: dict) -> dict:
+  """{storage key: element size}: torch.save numbers storages in order of first use."""
+  first = {}
+  for t in tensors.values():
+    first.setdefault(t.untyped_storage().data_ptr(), t.element_size())
+  return {str(i): size for i, size in enumerate(first.values())}
+
+
+CHECK_ONE_FILE = textwrap.dedent("""
+    import resource, sys
+    resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))  # 1 GiB of address space
+    sys.modules["torch"] = None
+    from hw8jax.torch_import import TorchFileError, read_file
+    try:
+        state = read_file(sys.argv[1])
+    except TorchFileError as e:
+        print(f"error: {e}")
+    else:
+        print(f"read {len(state)} tensors")
+""")
+
+
+def _snapshot(folder, skip=None) -> dict:
+  """Every path under `folder` (but `skip`) with its type, mode, owner, size, mtime and, for
+  files, bytes."""
+  out = {}
+  for root, dirs, files in os.walk(folder):
+    dirs[:] = [d for d in dirs if os.path.join(root, d) != str(skip)]
+    for name in dirs + files:
+      path = os.path.join(root, name)
+      st = os.lstat(path)
+      content = open(path, "rb").read() if os.path.isfile(path) and \
+          not os.path.islink(path) else None
+      out[path] = (st.st_mode, st.st_uid, st.st_size, st.st_mtime_ns, content)
+  return out
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory):
+  root = tmp_path_factory.mktemp("hostile")
+  outside = root / "outside.txt"
+  outside.write_text("not yours\n")
+  os.chmod(outside, 0o640)
+  files = hostile_files.write_all(str(root / "files"), str(root / "MARKER"), str(outside))
+  assert len(files) >= 30
+  return root, files
+
+
+def _one_line(text: str) -> str:
+  lines = text.splitlines()
+  assert len(lines) == 1, text
+  assert lines[0].isprintable(), lines[0]  # no escape sequences or other control characters
+  return lines[0]
+
+
+def test_hostile_files_are_read_as_data_or_refused_in_one_line(hostile):
+  """Each file, in a process of its own with 1 GiB of address space and no torch: read or
+  refused in one line saying why, within a few seconds, creating no marker and changing no
+  file."""
+  root, files = hostile
+  before = _snapshot(root)
+
+  def check(item):
+    name, (path, refusal) = item
+    began = time.time()
+    r = subprocess.run([sys.executable, "-c", CHECK_ONE_FILE, path], capture_output=True,
+                       text=True, timeout=20)
+    took = time.time() - began
+    problems = []
+    if r.returncode != 0 or r.stderr:
+      problems.append(f"exit {r.returncode}, stderr {r.stderr[-500:]!r}")
+    elif len(r.stdout.splitlines()) != 1 or not r.stdout.strip().isprintable():
+      problems.append(f"not one printable line: {r.stdout!r}")
+    elif refusal is None and not r.stdout.startswith("read "):
+      problems.append(f"refused a file of plain data: {r.stdout.strip()}")
+    elif refusal is not None and not (r.stdout.startswith(f"error: {path}: ") and
+                                      refusal in r.stdout):
+      problems.append(f"expected a line naming the file and {refusal!r}: {r.stdout.strip()}")
+    if took > 5:
+      problems.append(f"took {took:.1f} s")
+    return [f"{name}: {p}" for p in problems]
+
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    problems = [p for found in pool.map(check, files.items()) for p in found]
+  assert not problems, "\n".join(problems)
+  assert not (root / "MARKER").exists()
+  assert _snapshot(root) == before
+
+
+def test_launch_with_a_hostile_init_from_says_one_line_and_writes_only_its_workdir(
+    hostile, launch_here, tmp_path):
+  """`--mode=score --config.init_from=FILE` with each hostile file: exit 1, one printable
+  `error:` line, no marker, nothing written outside the workdir."""
+  root, files = hostile
+  data = tmp_path / "data"
+  make_synthetic(data, num_train=4, num_test=3, seed=0)
+  workdir = tmp_path / "w"
+  before = {**_snapshot(root), **_snapshot(tmp_path, skip=workdir)}
+  for name, (path, _) in files.items():
+    r = launch_here(f"--workdir={workdir}", "--mode=score", f"--config.init_from={path}",
+                    f"--config.data.dir={data}", config="ta_fcn.py", tiny=False)
+    assert r.returncode == 1, (name, r.stdout, r.stderr)
+    assert _one_line(r.stderr).startswith("error: "), name
+    assert not r.stdout.strip(), (name, r.stdout)
+  assert not (root / "MARKER").exists()
+  assert {**_snapshot(root), **_snapshot(tmp_path, skip=workdir)} == before
+  assert not (workdir / "submission.csv").exists()

@@ -1,4 +1,4 @@
-"""Load the weights of a PyTorch original into the matching hw8jax model.
+"""The weights of a PyTorch original in the matching hw8jax model.
 
 hw8jax models mirror their originals' module trees (see `hw8jax.models.layers`), so a PyTorch key
 maps to a layer by its path with nnx.Sequential's `layers` level left out. What differs is layout:
@@ -11,8 +11,7 @@ maps to a layer by its path with nnx.Sequential's `layers` level left out. What 
   not needed (momentum is fixed) and is accepted and ignored.
 - PReLU weight (1,) -> the scalar slope.
 
-torch is imported only to read a file (`hw8jax.torch_pickle`: a whole saved model is read
-without running anything in it); a dict of numpy arrays needs no torch at all.
+No torch is needed: files are read by `hw8jax.torch_import.read_state_dict`.
 """
 
 from __future__ import annotations
@@ -28,6 +27,8 @@ from flax import nnx
 from hw8jax import models
 from hw8jax.errors import UserError
 from hw8jax.models import layers
+from hw8jax.torch_import.archive import TorchFileError, shown
+from hw8jax.torch_import.unpickle import read_file
 
 # Per layer type: (PyTorch name, nnx attribute, converter(array, layer) -> array).
 Converter = Callable[[np.ndarray, nnx.Module], np.ndarray]
@@ -92,16 +93,15 @@ def torch_prefix(path) -> str:
   return ".".join(str(p) for p in path if p != "layers")
 
 
-def read_state_dict(source) -> dict[str, np.ndarray]:
-  """A state_dict as numpy arrays, from a mapping or a file written by `torch.save` (a state_dict
-  or a whole model, read by `hw8jax.torch_pickle` without running anything in the file)."""
-  if isinstance(source, (str, os.PathLike)):
-    from hw8jax import torch_pickle
+class WeightsMismatch(UserError, ValueError):
+  """A state_dict that does not fit the model; one line listing every difference."""
 
-    path = os.fspath(source)
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"{path}: no such file")
-    source = torch_pickle.load(path)
+
+def read_state_dict(source) -> dict[str, np.ndarray]:
+  """A state_dict as numpy arrays, from a mapping (of numpy arrays or torch tensors) or the path
+  of a `torch.save` file (`read_file`)."""
+  if isinstance(source, (str, os.PathLike)):
+    return read_file(source)
   out = {}
   for key, value in source.items():
     if hasattr(value, "detach"):
@@ -131,10 +131,10 @@ def load_state_dict(model: nnx.Module, state_dict) -> nnx.Module:
   """Copy a PyTorch original's weights (a state_dict or a `torch.save` file) into `model`.
 
   Every parameter and BatchNorm statistic of `model` must be filled and every entry of the
-  state_dict used; otherwise a ValueError lists all missing, unexpected and mis-shaped entries
-  and `model` is left unchanged. `model` may be abstract (`nnx.eval_shape(lambda:
-  models.build(...))`): that skips drawing initial weights that would be overwritten, which
-  costs seconds on CPU for the convolutional variants (one XLA compile per weight shape).
+  state_dict used; otherwise a WeightsMismatch (a ValueError) lists the missing, unexpected and
+  mis-shaped entries, and `model` is left unchanged. `model` may be abstract
+  (`nnx.eval_shape(lambda: models.build(...))`): that skips drawing initial weights that would
+  be overwritten, which costs seconds on CPU for the convolutional variants.
   """
   sd = read_state_dict(state_dict)
   used, problems, updates = set(), [], []
@@ -148,9 +148,11 @@ def load_state_dict(model: nnx.Module, state_dict) -> nnx.Module:
       continue
     updates.append((target, convert(sd[key].astype(np.float32))))
   unexpected = [k for k in sd if k not in used and not k.endswith(_IGNORED_SUFFIXES)]
-  problems += [f"unexpected {k} {sd[k].shape}" for k in unexpected]
+  problems += [f"unexpected {shown(k)} {sd[k].shape}" for k in unexpected]
   if problems:
-    raise ValueError(f"state_dict does not fit {type(model).__name__}: " + "; ".join(problems))
+    more = f"; and {len(problems) - 20} more" if len(problems) > 20 else ""
+    raise WeightsMismatch(f"state_dict does not fit {type(model).__name__}: "
+                          + "; ".join(problems[:20]) + more)
   for target, value in updates:
     target.set_value(jnp.asarray(value, target.dtype))  # unlike `[...] =`, fills abstract ones
   return model
@@ -168,12 +170,11 @@ def _torch_shape(shape, attr) -> tuple:
 
 
 def load_torch_weights(variant: str, path: str) -> nnx.Module:
-  """The variant holding a PyTorch file's weights; a file that does not fit is one line."""
-  if not os.path.isfile(path):
-    raise UserError(f"init_from {path}: no such file")
+  """The variant holding a PyTorch file's weights; a file that cannot be read or does not fit
+  is one line."""
   try:
     return load_state_dict(nnx.eval_shape(lambda: models.build(variant, rngs=nnx.Rngs(0))), path)
-  except UserError:  # the file itself refused or unreadable, already one line naming it
+  except TorchFileError:  # names the file already
     raise
-  except ValueError as e:  # weights that do not fit the variant
-    raise UserError(f"init_from {path}: {e}") from None
+  except WeightsMismatch as e:
+    raise UserError(f"init_from {shown(path)}: {e}") from None
