@@ -11,7 +11,7 @@ PyTorch script doing the same work, with XLA's compilation cache empty and then 
 Scoring runs at score.batch_size (500), the batch a scoring run uses.
 
 Each side runs as its users run it: hw8jax in this process with the host allocator settings a
-run makes (`cpu_fast_paths`, hw8jax.runtime.tune_allocator), PyTorch in a worker process of its
+run makes (`cpu_fast_paths`, hw8jax.cpu_tuning.tune_allocator), PyTorch in a worker process of its
 own with glibc's defaults, driven step by step from here so the alternation holds. A second
 PyTorch worker with hw8jax's allocator settings shows what PyTorch would gain from them (the
 "torch*" column). The single-layer table runs both sides in this process.
@@ -44,10 +44,9 @@ import torch.nn.functional as F
 from flax import nnx
 
 from hw8jax import config as config_lib
-from hw8jax import data, models, runtime, train
+from hw8jax import cpu_tuning, data, models, train_step
 from hw8jax.data.demo import make_demo, synthetic_images
 from hw8jax.score import make_scorer
-from hw8jax.torch_import import load_state_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
@@ -56,9 +55,14 @@ import timing  # noqa: E402
 import torch_reference  # noqa: E402
 
 
-def abstract_model(variant: str) -> nnx.Module:
-  """A model with no values yet, for `load_state_dict` to fill."""
-  return nnx.eval_shape(lambda: models.build(variant, rngs=nnx.Rngs(0)))
+def with_torch_weights(variant: str):
+  """hw8jax's model of `variant` holding the weights of PyTorch's, built from seed 0 (as the
+  workers build theirs), through a torch.save file as a run's `init_from` takes it."""
+  torch.manual_seed(0)
+  with tempfile.TemporaryDirectory() as folder:
+    path = os.path.join(folder, f"{variant}.pt")
+    torch.save(torch_reference.BUILDERS[variant]().state_dict(), path)
+    return timing.assembled(variant, init_from=path)
 
 
 def machine() -> str:
@@ -76,11 +80,8 @@ def nchw(x) -> torch.Tensor:
 
 def bench_variant(variant: str, batch: int, score_batch: int, reps: int, workers):
   """((train img/s hw8jax, torch, torch*), (score img/s ...)): `workers` run PyTorch's side."""
-  torch.manual_seed(0)  # the workers build the same model from the same seed
-  model = load_state_dict(abstract_model(variant),
-                          torch_reference.BUILDERS[variant]().state_dict())
-  model.train()
-  graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  model = with_torch_weights(variant)
+  graphdef, (params, stats) = model.train_def, model.state
   imgs = synthetic_images(max(batch, score_batch), 0)
   jax_train, _, current = timing.train_step_runner(
       variant, graphdef, *jax.tree.map(jnp.copy, (params, stats)), jax.device_put(imgs[:batch]))
@@ -89,8 +90,7 @@ def bench_variant(variant: str, batch: int, score_batch: int, reps: int, workers
   times = timing.alternate([jax_train, *(lambda w=w: w(("train",)) for w in workers)], reps)
   train_row = tuple(batch / t for t in times)
 
-  model.eval()
-  scorer = make_scorer(nnx.graphdef(model), stochastic=variant in models.STOCHASTIC)
+  scorer = make_scorer(model.eval_def, stochastic=models.variant(variant).stochastic)
   s_u8 = jax.device_put(imgs[:score_batch])
   index = jax.numpy.arange(score_batch)
   key = jax.random.key(0)
@@ -136,7 +136,7 @@ def torch_worker(conn, tuned: bool) -> None:
   functions, ("train",) / ("score",) runs one, ("epoch", images, batch) times the seed's
   epoch; each answered when done. `tuned`: with hw8jax's allocator settings."""
   if tuned:
-    runtime.tune_allocator("on")
+    cpu_tuning.tune_allocator("on")
   torch.set_num_threads(os.cpu_count())
   fns = {}
   while (request := conn.recv()) is not None:
@@ -237,17 +237,14 @@ def bench_epoch(num_images: int, batch: int, worker):
   the PyTorch `worker`)."""
   images = synthetic_images(num_images, 1)
   steps = num_images // batch
-  torch.manual_seed(0)
-  model = load_state_dict(abstract_model("fcn_boss"),
-                          torch_reference.BUILDERS["fcn_boss"]().state_dict())
-  model.train()
-  graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  model = with_torch_weights("fcn_boss")
+  graphdef, (params, stats) = model.train_def, model.state
   cfg = config_lib.base_config("fcn_boss")
   cfg.schedule.name = "warmup_cosine"
-  tx = train.make_optimizer(cfg, train.make_schedule(cfg, steps))
-  step = jax.jit(train.make_train_step(graphdef, tx, "fcn_boss", data.crop_transform,
+  tx = train_step.make_optimizer(cfg, train_step.make_schedule(cfg, steps))
+  step = jax.jit(train_step.make_train_step(graphdef, tx, "fcn_boss", data.crop_transform,
                                        jax.random.key(0)), donate_argnums=0)
-  state = train.init_state(params, stats, tx)
+  state = train_step.init_state(params, stats, tx)
   # Compile outside the timed epoch, as a long run amortises it.
   state, m = step(state, jnp.asarray(images[:batch]))
   jax.block_until_ready(m)
@@ -368,7 +365,7 @@ def main():
   if args.quick:
     args.batch, args.reps = 32, 3
     args.epoch_images, args.epoch_batch = 1024, 64
-  runtime.tune_allocator("auto")  # as a run does, before JAX starts
+  cpu_tuning.tune_allocator("auto")  # as a run does, before JAX starts
   torch.set_num_threads(os.cpu_count())
   workers, stop_workers = start_torch_workers()
   print("machine:", machine())

@@ -25,34 +25,25 @@ import timing
 from flax import nnx
 
 from hw8jax import config as config_lib
-from hw8jax import data, models, train
+from hw8jax import data, models, train_step
 from hw8jax.data.demo import synthetic_images
 from hw8jax.models import layers
 from hw8jax.score import make_scorer
 
 
-def graphdefs(variant: str, fast_paths: str):
-  """(train, eval) graphdefs of `variant` with its convs following `fast_paths`."""
-  model = nnx.eval_shape(lambda: models.build(variant, rngs=nnx.Rngs(0)))
-  models.set_fast_paths(model, fast_paths)
-  model.train()
-  train_def = nnx.split(model, nnx.Param, nnx.BatchStat)[0]
-  model.eval()
-  return train_def, nnx.split(model, nnx.Param, nnx.BatchStat)[0]
-
-
 def variant_rates(variant: str, batch: int, score_batch: int, reps: int, images) -> dict:
   """{fast_paths: (train img/s, score img/s)} for "off" and "on"."""
-  _, _, params, stats = train.init_model(config_lib.base_config(variant), jax.random.key(0))
+  params, stats = timing.assembled(variant).state
   x, xs = jax.device_put(images[:batch]), jax.device_put(images[:score_batch])
   index, key = jnp.arange(score_batch), jax.random.key(1)
   trains, scores = [], []
   for setting in ("off", "on"):
-    train_def, eval_def = graphdefs(variant, setting)
+    model = timing.assembled(variant, setting)
+    train_def, eval_def = model.train_def, model.eval_def
     # Copies: the step donates its state, and the scorer still reads params and stats.
     trains.append(timing.train_step_runner(
         variant, train_def, *jax.tree.map(jnp.copy, (params, stats)), x)[0])
-    scorer = make_scorer(eval_def, stochastic=variant in models.STOCHASTIC,
+    scorer = make_scorer(eval_def, stochastic=models.variant(variant).stochastic,
                          fast_paths=setting)
     scores.append(lambda scorer=scorer: jax.block_until_ready(
         scorer((params, stats), xs, index, key)))
@@ -65,11 +56,12 @@ def epoch_seconds(images, batch: int, compute_dtype) -> float:
   """One fcn_boss epoch with the crop transform, the grain pipeline feeding the step."""
   cfg = config_lib.base_config("fcn_boss")
   steps = len(images) // batch
-  tx = train.make_optimizer(cfg, train.make_schedule(cfg, steps))
-  train_def, _, params, stats = train.init_model(cfg, jax.random.key(0))
-  step = jax.jit(train.make_train_step(train_def, tx, "fcn_boss", data.crop_transform,
+  tx = train_step.make_optimizer(cfg, train_step.make_schedule(cfg, steps))
+  model = timing.assembled("fcn_boss")
+  train_def, (params, stats) = model.train_def, model.state
+  step = jax.jit(train_step.make_train_step(train_def, tx, "fcn_boss", data.crop_transform,
                                        jax.random.key(0), compute_dtype), donate_argnums=0)
-  state, m = step(train.init_state(params, stats, tx), jnp.asarray(images[:batch]))
+  state, m = step(train_step.init_state(params, stats, tx), jnp.asarray(images[:batch]))
   jax.block_until_ready(m)
   t = time.perf_counter()
   for b in data.train_dataset(images, batch_size=batch, seed=0, num_steps=steps):

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from hw8jax import config as config_lib
-from hw8jax import data, train
+from hw8jax import data, train_step
+from hw8jax.assemble import assemble
 
 
 def machine() -> str:
@@ -74,14 +75,15 @@ def main():
 
   cfg = config_lib.base_config("fcn_boss")
   cfg.schedule.name = "warmup_cosine"
-  tx = train.make_optimizer(cfg, train.make_schedule(cfg, 1000))
-  train_def, _, params, stats = train.init_model(cfg, jax.random.key(0))
+  tx = train_step.make_optimizer(cfg, train_step.make_schedule(cfg, 1000))
+  model = assemble(cfg, key=jax.random.key(0))
+  train_def, (params, stats) = model.train_def, model.state
   key = jax.random.key(0)
-  with_transform = jax.jit(train.make_train_step(train_def, tx, "fcn_boss", data.crop_transform,
-                                                 key), donate_argnums=0)
-  no_transform = jax.jit(train.make_train_step(train_def, tx, "fcn_boss", lambda x: x, key),
+  with_transform = jax.jit(train_step.make_train_step(
+      train_def, tx, "fcn_boss", data.crop_transform, key), donate_argnums=0)
+  no_transform = jax.jit(train_step.make_train_step(train_def, tx, "fcn_boss", lambda x: x, key),
                          donate_argnums=0)
-  state_a = train.init_state(params, stats, tx)
+  state_a = train_step.init_state(params, stats, tx)
   state_b = jax.tree.map(jnp.copy, state_a)
 
   n_batches = args.steps + 2

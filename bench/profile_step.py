@@ -22,7 +22,6 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import timing
-from flax import nnx
 
 from hw8jax import models
 from hw8jax.data.demo import synthetic_images
@@ -32,16 +31,13 @@ from hw8jax.score import make_scorer
 def compiled_call(variant: str, batch: int, score: bool):
   """(jitted fn, a function giving its current arguments, a function that runs it once and
   blocks)."""
-  model = models.build(variant, rngs=nnx.Rngs(0))
+  model = timing.assembled(variant)
   images = jax.device_put(synthetic_images(batch, 0))
   if score:
-    model.eval()
-    graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    fn = make_scorer(graphdef, stochastic=variant in models.STOCHASTIC)
-    args = [(params, stats), images, jnp.arange(batch), jax.random.key(0)]
+    fn = make_scorer(model.eval_def, stochastic=models.variant(variant).stochastic)
+    args = [model.state, images, jnp.arange(batch), jax.random.key(0)]
     return fn, lambda: args, lambda: jax.block_until_ready(fn(*args))
-  graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-  run, fn, current = timing.train_step_runner(variant, graphdef, params, stats, images)
+  run, fn, current = timing.train_step_runner(variant, model.train_def, *model.state, images)
   return fn, current, run
 
 

@@ -12,7 +12,8 @@ import time
 import jax
 
 from hw8jax import config as config_lib
-from hw8jax import data, runtime, train
+from hw8jax import data, runtime, train_step
+from hw8jax.assemble import Assembled, assemble
 
 
 def alternate(fns, reps: int, warmup: int = 2, turn_s: float = 0.25) -> list[float]:
@@ -41,20 +42,29 @@ def machine() -> str:
           f"{jax.device_count()} x {jax.devices()[0].device_kind}")
 
 
+def assembled(variant: str, fast_paths: str = "auto", init_from: str = "") -> Assembled:
+  """The model a run of `variant` assembles, its weights drawn from key 0 or read from
+  `init_from`, its convs following `fast_paths`."""
+  cfg = config_lib.base_config(variant)
+  cfg.cpu_fast_paths, cfg.init_from = fast_paths, init_from
+  return assemble(cfg, key=jax.random.key(0))
+
+
 def train_step_runner(variant: str, train_def, params, stats, images, compiler_options=None):
   """A function running one train step of `variant` (Adam, the config's defaults, `images`
   normalised in the step) and blocking on its loss; and one giving the step's current
   arguments. Compiled as a run compiles it, or with the XLA `compiler_options` given instead of
   the run's. The step donates its state: `params` and `stats` are used up."""
   cfg = config_lib.base_config(variant)
-  tx = train.make_optimizer(cfg, train.make_schedule(cfg, 100))
+  tx = train_step.make_optimizer(cfg, train_step.make_schedule(cfg, 100))
   mesh = runtime.make_mesh()
-  step_fn = train.make_train_step(train_def, tx, variant, data.normalize, jax.random.key(0))
+  step_fn = train_step.make_train_step(train_def, tx, variant, data.normalize, jax.random.key(0))
   if compiler_options is None:
-    step = train.jit_train_step(step_fn, mesh, cfg.cpu_fast_paths)
+    step = train_step.jit_train_step(step_fn, mesh, cfg.cpu_fast_paths)
   else:
     step = jax.jit(step_fn, donate_argnums=0, compiler_options=compiler_options)
-  box = {"state": jax.device_put(train.init_state(params, stats, tx), runtime.replicated(mesh))}
+  state = train_step.init_state(params, stats, tx)
+  box = {"state": jax.device_put(state, runtime.replicated(mesh))}
 
   def run():
     box["state"], m = step(box["state"], images)

@@ -1,6 +1,6 @@
 """The conv variants' train steps and scorers with their convs in YNNPACK (XLA's CPU default)
-and on XLA's own path (`runtime.YNN_FUSIONS`, what a run compiles under `cpu_fast_paths`), not a
-test: medians of alternating turns, ms a call. The measurements behind `runtime.YNN_FUSIONS`;
+and on XLA's own path (`cpu_tuning.YNN_FUSIONS`, what a run compiles under `cpu_fast_paths`), not a
+test: medians of alternating turns, ms a call. The measurements behind `cpu_tuning.YNN_FUSIONS`;
 docs/performance.md ("Convolutions off YNNPACK") has them.
 
   python bench/ynn_convs.py                          # batch 32 and 256, score batch 500
@@ -14,10 +14,9 @@ import argparse
 import jax
 import jax.numpy as jnp
 import timing
-from flax import nnx
 
 from hw8jax import config as config_lib
-from hw8jax import models, runtime
+from hw8jax import cpu_tuning, models
 from hw8jax.data.demo import synthetic_images
 from hw8jax.score import make_scorer
 
@@ -33,10 +32,9 @@ def train_steps(variant: str, batch: int):
   """Two train-step runners of `variant` (YNNPACK convs, XLA's own), each blocking on its loss."""
   images = jax.device_put(synthetic_images(batch, 0))
   runs = []
-  for options in (YNN_CONVS["train_step"], runtime.compiler_options("on", "train_step")):
-    model = models.build(variant, rngs=nnx.Rngs(0))
-    graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    run, _, _ = timing.train_step_runner(variant, graphdef, params, stats, images,
+  for options in (YNN_CONVS["train_step"], cpu_tuning.compiler_options("on", "train_step")):
+    model = timing.assembled(variant)
+    run, _, _ = timing.train_step_runner(variant, model.train_def, *model.state, images,
                                          compiler_options=options)
     runs.append(run)
   return runs
@@ -44,15 +42,13 @@ def train_steps(variant: str, batch: int):
 
 def scorers(variant: str, batch: int):
   """Two scorer runners of `variant` (YNNPACK convs, XLA's own), each blocking on its scores."""
-  model = models.build(variant, rngs=nnx.Rngs(0))
-  model.eval()
-  graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  model = timing.assembled(variant)
   # The scorer's function before make_scorer's jit, compiled here with each side's options.
-  score = make_scorer(graphdef, stochastic=variant in models.STOCHASTIC).__wrapped__
-  args = ((params, stats), jax.device_put(synthetic_images(batch, 0)), jnp.arange(batch),
+  score = make_scorer(model.eval_def, stochastic=models.variant(variant).stochastic).__wrapped__
+  args = (model.state, jax.device_put(synthetic_images(batch, 0)), jnp.arange(batch),
           jax.random.key(0))
   compiled = [jax.jit(score, compiler_options=options)
-              for options in (YNN_CONVS["scorer"], runtime.compiler_options("on", "scorer"))]
+              for options in (YNN_CONVS["scorer"], cpu_tuning.compiler_options("on", "scorer"))]
   return [lambda fn=fn: jax.block_until_ready(fn(*args)) for fn in compiled]
 
 
@@ -64,7 +60,7 @@ def main():
                  default=config_lib.base_config("fcn_boss").score.batch_size)
   p.add_argument("--reps", type=int, default=5)
   args = p.parse_args()
-  runtime.tune_allocator("auto")  # as a run does, before JAX starts
+  cpu_tuning.tune_allocator("auto")  # as a run does, before JAX starts
   print("machine:", timing.machine())
   print(f"median of {args.reps} turns, ms a call: YNNPACK convs / XLA's own convs")
   for variant in args.variants.split(","):

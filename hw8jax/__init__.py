@@ -17,7 +17,7 @@ __all__ = ["get_config", "load", "run"]
 
 def __getattr__(name):
   if name == "get_config":
-    from hw8jax.recipes import get_config
+    from hw8jax.configs import get_config
     return get_config
   if name == "run":
     from hw8jax.main import run

@@ -19,9 +19,8 @@ import os
 import grain
 import jax
 import orbax.checkpoint as ocp
-from flax import nnx
 
-from hw8jax import models, runtime
+from hw8jax import runtime
 from hw8jax.errors import UserError
 
 
@@ -148,23 +147,3 @@ def newest_intact(mngr: ocp.CheckpointManager, read, below: int | None = None):
       runtime.log(f"skipped checkpoint {mngr.directory}/{step}: cannot read it: {_reason(e)}")
   raise UserError(f"{mngr.directory}: no readable checkpoint: {'; '.join(skipped)}; move the "
                   "workdir aside to start over")
-
-
-def restore_for_scoring(config, workdir: str, which: str, mesh):
-  """(eval graphdef, (params, batch_stats), step) from a workdir's newest readable `which`
-  checkpoint, replicated over `mesh` whatever device count wrote it."""
-  abstract_model = nnx.eval_shape(lambda: models.build(config.model, rngs=nnx.Rngs(0)))
-  models.set_fast_paths(abstract_model, config.cpu_fast_paths)
-  abstract_model.eval()
-  eval_def, params, stats = nnx.split(abstract_model, nnx.Param, nnx.BatchStat)
-  target = abstract({"params": params, "batch_stats": stats}, runtime.replicated(mesh))
-  mngrs = managers(workdir, config.checkpoint.keep)
-  try:
-    found = newest_intact(mngrs[which], lambda step: restore_model(mngrs[which], target, step))
-  finally:
-    for m in mngrs.values():
-      m.close()
-  if found is None:
-    raise UserError(f"{workdir}: no {which} checkpoint; train first (--mode=train)")
-  step, state = found
-  return eval_def, (state["params"], state["batch_stats"]), step

@@ -20,7 +20,6 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "warmup_cosine")
 METRICS = ("l2", "mse", "mae", "topk")
 COMPUTE_DTYPES = ("float32", "bfloat16")
-CPU_FAST_PATHS = ("auto", "on", "off")  # hw8jax.runtime.cpu_fast_paths
 MATMUL_PRECISIONS = ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
 BEST_BY = ("auto", "val_score", "train_loss", "test_auc")
 IMAGE_SIZE = 64
@@ -180,7 +179,7 @@ def _type_name(value) -> str:
 def validate(c: ml_collections.ConfigDict, mode: str = "train_and_score") -> None:
   """Every key of `c`, alone and against each other: raises ConfigError listing each mistake
   on its own line. Nothing here reads data, starts JAX or writes anything."""
-  from hw8jax import models
+  from hw8jax import cpu_tuning, models
 
   problems = []
   if mode not in MODES:
@@ -259,7 +258,7 @@ def validate(c: ml_collections.ConfigDict, mode: str = "train_and_score") -> Non
         "must be a finite number >= 0")
   choice("compute_dtype", COMPUTE_DTYPES)
   choice("matmul_precision", MATMUL_PRECISIONS)
-  choice("cpu_fast_paths", CPU_FAST_PATHS)
+  choice("cpu_fast_paths", cpu_tuning.SETTINGS)
   at_least("num_processes", 1)
   check("process_id", 0 <= c.process_id < c.num_processes,
         f"must be in [0, num_processes={c.num_processes})")

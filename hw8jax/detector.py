@@ -11,9 +11,10 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from hw8jax import checkpoint, data, runtime
 from hw8jax import config as config_lib
+from hw8jax import data, runtime
 from hw8jax import workdir as workdir_lib
+from hw8jax.assemble import assemble
 from hw8jax.errors import UserError
 from hw8jax.score import score_images, scorer_for
 
@@ -71,7 +72,7 @@ def load(workdir: str, which: str = "latest") -> Detector:
     raise UserError(f"{workdir}: no config.json of a training run; train first "
                     "(hw8jax.run or launch.py)")
   config_lib.validate(recorded, "score")
-  runtime.prepare(recorded)
+  runtime.use_compilation_cache(recorded.compilation_cache)
   mesh = runtime.make_mesh()
-  graphdef, state, step = checkpoint.restore_for_scoring(recorded, workdir, which, mesh)
-  return Detector(recorded, int(step), graphdef, state, mesh)
+  model = assemble(recorded, "checkpoint", workdir=workdir, which=which, mesh=mesh)
+  return Detector(recorded, model.step, model.eval_def, model.state, mesh)

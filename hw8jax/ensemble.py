@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 
-from hw8jax import report
+from hw8jax import evaluate, report
 from hw8jax.data import DataError, open_labels, write_npy_atomic
 from hw8jax.errors import UserError
 
@@ -36,17 +36,48 @@ def combine(scores: list[np.ndarray], method: str = "rank") -> np.ndarray:
   return ((stacked - stacked.mean(axis=1, keepdims=True)) / np.where(std > 0, std, 1)).mean(0)
 
 
-def load_scores(workdirs: list[str]) -> list[np.ndarray]:
-  scores = []
-  for w in workdirs:
-    path = os.path.join(w, "scores.npy")
-    if not os.path.exists(path):
-      raise UserError(f"{path}: no such file; score that workdir first (--mode=score)")
-    scores.append(np.load(path, allow_pickle=False))
-  lengths = {len(s) for s in scores}
-  if len(lengths) != 1:
-    raise UserError(f"workdirs scored different numbers of test images: {sorted(lengths)}")
+def _scores_of(workdir: str) -> np.ndarray:
+  """A workdir's scores.npy as float64, after checking it is what a scoring run writes: a .npy
+  of one finite float per test image."""
+  path = os.path.join(workdir, "scores.npy")
+  if not os.path.isfile(path):
+    raise UserError(f"{path}: no such file; score that workdir first (--mode=score)")
+  try:
+    scores = np.load(path, allow_pickle=False)
+  except (ValueError, OSError, EOFError) as e:
+    raise UserError(f"{path}: not a .npy file of scores ({str(e).splitlines()[0]})") from None
+  if not isinstance(scores, np.ndarray) or scores.ndim != 1 or not len(scores):
+    raise UserError(f"{path}: shape {getattr(scores, 'shape', '?')}, expected (N,) scores")
+  if scores.dtype.kind not in "fiu":
+    raise UserError(f"{path}: dtype {scores.dtype}, expected float scores")
+  scores = scores.astype(np.float64)
+  bad = {"NaN": int(np.isnan(scores).sum()), "infinite": int(np.isinf(scores).sum())}
+  for what, count in bad.items():
+    if count:
+      raise UserError(f"{path}: {count} of {len(scores)} scores are {what}; rescore that "
+                      "workdir (its model may have diverged)")
   return scores
+
+
+def load_scores(workdirs: list[str]) -> list[np.ndarray]:
+  """Every workdir's scores, checked, and all of one length."""
+  scores = [_scores_of(w) for w in workdirs]
+  lengths = {w: len(s) for w, s in zip(workdirs, scores, strict=True)}
+  if len(set(lengths.values())) != 1:
+    listing = ", ".join(f"{w}: {n}" for w, n in lengths.items())
+    raise UserError(f"workdirs scored different numbers of test images ({listing})")
+  return scores
+
+
+def _check_out(out: str) -> None:
+  """--out must be a folder that exists or can be made, found before anything is written."""
+  existing = os.path.abspath(out)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise UserError(f"--out={out}: {existing} is a file, not a folder")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise UserError(f"--out={out}: cannot write in {existing} (permission denied)")
 
 
 def main(argv=None) -> int:
@@ -57,15 +88,19 @@ def main(argv=None) -> int:
   p.add_argument("--labels", default="", help="optional 0/1 labels .npy for the AUC")
   args = p.parse_args(argv)
   try:
-    scores = combine(load_scores(args.workdirs), args.method)
+    # Every input is checked before anything is written.
+    members = load_scores(args.workdirs)
+    labels = open_labels(args.labels, len(members[0])) if args.labels else None
+    _check_out(args.out)
+    scores = combine(members, args.method)
     os.makedirs(args.out, exist_ok=True)
     report.write_submission(os.path.join(args.out, "submission.csv"), scores)
     write_npy_atomic(os.path.join(args.out, "scores.npy"), scores.astype(np.float32))
     print(f"wrote {os.path.join(args.out, 'submission.csv')} ({len(scores)} rows, "
           f"{args.method} of {len(args.workdirs)} models)")
-    if args.labels:
-      record = {**report.evaluate(open_labels(args.labels, len(scores)), scores),
-                "method": args.method, "workdirs": args.workdirs}
+    if labels is not None:
+      record = {**evaluate.evaluate(labels, scores), "method": args.method,
+                "workdirs": args.workdirs}
       report.write_json(os.path.join(args.out, "eval.json"), record)
       report.print_evaluation(record)
   except (UserError, DataError) as e:

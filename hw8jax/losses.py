@@ -6,8 +6,6 @@ holds the loss's named terms (scalars) for logging.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -57,21 +55,3 @@ def resnet_loss(x, recon, aux):
                                             jnp.zeros_like(aux["logits_noise"])).mean()
   clf = real + fake
   return rec + 0.1 * clf, {"mse": rec, "clf": clf}
-
-
-LOSSES: dict[str, Callable] = {
-    "ta_fcn": reconstruction_loss,
-    "ta_cnn": reconstruction_loss,
-    "ta_vae": vae_loss,
-    "fcn_medium": reconstruction_loss,
-    "fcn_strong": reconstruction_loss,
-    "fcn_boss": reconstruction_loss,
-    "multi_encoder": multi_encoder_loss,
-    "resnet_boss": resnet_loss,
-}
-
-
-def loss_fn(variant: str) -> Callable:
-  if variant not in LOSSES:
-    raise ValueError(f"no loss for model {variant!r}")
-  return LOSSES[variant]

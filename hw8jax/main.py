@@ -11,13 +11,13 @@ import ml_collections
 from hw8jax import checkpoint, data, runtime, train
 from hw8jax import config as config_lib
 from hw8jax import workdir as workdir_lib
-from hw8jax.score import score_run
+from hw8jax.score_run import score_run
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train_and_score"):
   """Train and/or score as `mode` says; returns the eval record (or None without labels)."""
   config_lib.validate(config, mode)  # every key, before anything is started, read or written
-  runtime.prepare(config)
+  runtime.use_compilation_cache(config.compilation_cache)
   workdir_lib.check_usable(workdir)
   runtime.init_distributed(config)
   inputs = data.open_run_data(config, workdir)  # headers only (the demo set is written once)

@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-from hw8jax import report, runtime
+from hw8jax import atomic, report, runtime
 
 METRICS_FILE = "metrics.jsonl"
 EVENTS_DIR = "tensorboard"
@@ -86,7 +86,5 @@ def _truncate(path: str, step: int) -> None:
           keep.append(line)
       except ValueError:
         pass
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
+  with atomic.replaced(path) as f:
     f.writelines(keep)
-  os.replace(tmp, path)

@@ -1,4 +1,5 @@
-"""Anomaly scores: one scorer factory, used by training-time evaluation, scoring runs and tests.
+"""Anomaly scores: one scorer factory, used by training-time evaluation, scoring runs, the
+detector and the benchmarks; and the one jitted decode(encode(x)).
 
 The score of an image is its reconstruction error on normalised (transformed) images:
 - "l2" (default, the sample code's): sqrt(sum over pixels and channels of (recon - x)^2);
@@ -15,7 +16,6 @@ on the scoring batch size or the device count.
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -23,9 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from hw8jax import checkpoint, data, models, report, runtime
-from hw8jax import config as config_lib
-from hw8jax import workdir as workdir_lib
+from hw8jax import cpu_tuning, data, models, runtime
 from hw8jax.config import METRICS
 
 
@@ -68,7 +66,7 @@ def make_scorer(graphdef, *, metric: str = "l2", topk: int = 256, sample: bool =
     per_image = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, index)
     return model(x, rngs=nnx.Rngs(noise=key, per_image=per_image))[0]
 
-  @functools.partial(jax.jit, compiler_options=runtime.compiler_options(fast_paths, "scorer"))
+  @functools.partial(jax.jit, compiler_options=cpu_tuning.compiler_options(fast_paths, "scorer"))
   def score(model_state, images, index, key):
     params, stats = model_state
     model = nnx.merge(graphdef, jax.tree.map(lambda p: p.astype(compute_dtype), params), stats)
@@ -84,7 +82,7 @@ def scorer_for(config, eval_def):
   """The scorer a config describes, for the eval graphdef of its model."""
   return make_scorer(eval_def, metric=config.score.metric, topk=config.score.topk,
                      sample=config.score.sample,
-                     stochastic=config.model in models.STOCHASTIC,
+                     stochastic=models.variant(config.model).stochastic,
                      transform=data.get_transform(config.data.transform),
                      compute_dtype=runtime.COMPUTE_DTYPES[config.compute_dtype],
                      fast_paths=config.cpu_fast_paths)
@@ -119,92 +117,13 @@ def score_images(scorer, model_state, images, *, batch_size: int, key,
   return scores
 
 
-# --- a scoring run
+def autoencode(graphdef):
+  """jit(fn(model_state, x) -> decode(encode(x))): the deterministic reconstruction of
+  transformed images `x` by the model of `graphdef` and (params, batch_stats)."""
 
+  @jax.jit
+  def reconstruct(model_state, x):
+    model = nnx.merge(graphdef, *model_state)
+    return model.decode(model.encode(x))
 
-def _model_state(config, workdir: str, mesh):
-  """(eval graphdef, model state, step, where the weights came from) for scoring: the
-  workdir's checkpoint, or the PyTorch file of `init_from` while the workdir has none."""
-  which = config.checkpoint.restore
-  if config.init_from and not checkpoint.exists(workdir, which):
-    from hw8jax.torch_import import load_torch_weights
-
-    model = load_torch_weights(config.model, config.init_from)
-    model.eval()
-    eval_def, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    state = jax.device_put((params, stats), runtime.replicated(mesh))
-    return eval_def, state, 0, f"the PyTorch weights in {config.init_from}"
-  eval_def, state, step = checkpoint.restore_for_scoring(config, workdir, which, mesh)
-  return eval_def, state, step, f"the {which} checkpoint (step {step})"
-
-
-THRESHOLD_SAMPLE = 2000  # training images scored for the threshold without a validation split
-
-
-def _threshold(config, inputs, scorer, model_state, mesh) -> dict:
-  """The predictions' threshold: the `score.threshold_quantile` quantile of the scores of
-  normal images the model did not train on (the held-out validation images) or, without a
-  validation split, of a seeded sample of up to THRESHOLD_SAMPLE training images."""
-  num_train = len(inputs.train)
-  held = config_lib.num_held_out(num_train, config.data.val_fraction)
-  if held:
-    index = data.validation_split(num_train, held, config.seed)[1]
-    source = f"{len(index)} held-out training images"
-  else:
-    index = np.sort(np.random.default_rng([config.seed, 0, 2]).permutation(num_train)
-                    [:THRESHOLD_SAMPLE])
-    source = f"{len(index)} training images (the model trained on them)"
-  reference = score_images(scorer, model_state, np.asarray(inputs.train[index]),
-                           batch_size=config.score.batch_size,
-                           key=runtime.run_keys(config.seed)["score"], mesh=mesh)
-  q = config.score.threshold_quantile
-  return {"threshold": float(np.quantile(reference, q)), "quantile": q, "from": source}
-
-
-def score_run(config, workdir: str, inputs) -> dict | None:
-  """Score every test image; write submission.csv, scores.npy, predictions.csv,
-  threshold.json, figures, and with labels eval.json and roc.png. Returns the eval record
-  (None without labels)."""
-  mesh = runtime.make_mesh()
-  eval_def, model_state, step, source = _model_state(config, workdir, mesh)
-  if runtime.is_main_process():
-    workdir_lib.record(config, workdir, "score")
-  scorer = scorer_for(config, eval_def)
-  scores = score_images(scorer, model_state, inputs.test, batch_size=config.score.batch_size,
-                        key=runtime.run_keys(config.seed)["score"], mesh=mesh)
-  threshold = _threshold(config, inputs, scorer, model_state, mesh)
-  if not runtime.is_main_process():
-    return None
-  csv_path = os.path.join(workdir, "submission.csv")
-  report.write_submission(csv_path, scores)
-  data.write_npy_atomic(os.path.join(workdir, "scores.npy"), scores)
-  report.write_predictions(os.path.join(workdir, "predictions.csv"), scores,
-                           threshold["threshold"])
-  report.write_json(os.path.join(workdir, "threshold.json"), threshold)
-  print(f"wrote {csv_path} ({len(scores)} rows) from {source}; predictions.csv: "
-        f"{int(np.sum(scores > threshold['threshold']))} above the threshold "
-        f"{threshold['threshold']:.6g} ({threshold['from']})", flush=True)
-  # Figures are small eager computations: on this process's first device, from a local copy of
-  # the replicated parameters (whatever mesh they were restored onto).
-  local = jax.tree.map(lambda a: jax.device_put(a.addressable_data(0), jax.local_devices()[0]),
-                       model_state)
-  report.plot_model_figures(workdir, nnx.merge(eval_def, *local),
-                            data.get_transform(config.data.transform), inputs, scores)
-  if inputs.labels is None:
-    report.remove_label_outputs(workdir)  # a previous run's, which no longer describe this one
-    return None
-  record = {**report.evaluate(inputs.labels, scores, threshold["threshold"]),
-            "checkpoint": config.checkpoint.restore, "step": int(step), "model": config.model,
-            "metric": config.score.metric, "weights": source, "threshold_from": threshold}
-  if config.checkpoint.restore == "best" and source.startswith("the best"):
-    record["best_by"] = config_lib.best_by(config)
-    if record["best_by"] == "test_auc":
-      record["best_chosen_on_test_set"] = True  # this AUC is biased upward
-  report.write_json(os.path.join(workdir, "eval.json"), record)
-  report.print_evaluation(record)
-  if record["auc"] is not None:
-    report.plot_roc_and_histogram(os.path.join(workdir, "roc.png"), inputs.labels, scores,
-                                  record["auc"])
-  else:
-    report.remove_label_outputs(workdir, keep=("eval.json",))
-  return record
+  return reconstruct

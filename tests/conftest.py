@@ -43,13 +43,6 @@ def pytest_configure(config):
   import tiny  # imports jax: after the environment is set
 
   tiny.register()
-  # JAX's backend started here keeps these processes on glibc's allocator defaults: otherwise
-  # the first `run` of a session tunes the allocator (runtime.tune_allocator) for every test
-  # after it, and a pytest worker then holds its peak heap (7.2 GB peak instead of 3.8 GB).
-  # launch.py subprocesses still tune theirs, as a user's run does.
-  import jax
-
-  jax.devices()
 
 
 def require_torch():
@@ -108,16 +101,15 @@ def images(rng: np.random.Generator, n: int) -> np.ndarray:
 
 def built(variant: str, seed: int):
   """A fresh model of `variant` (in training mode), initialised as a run initialises it: in one
-  compiled program (`hw8jax.train.init_model`; op by op, resnet_boss's took 13 s)."""
+  compiled program (`hw8jax.assemble`; op by op, resnet_boss's took 13 s)."""
   import jax
   from flax import nnx
 
   from hw8jax import config as config_lib
-  from hw8jax import train
+  from hw8jax.assemble import assemble
 
-  train_def, _, params, stats = train.init_model(config_lib.base_config(variant),
-                                                 jax.random.key(seed))
-  return nnx.merge(train_def, params, stats)
+  model = assemble(config_lib.base_config(variant), key=jax.random.key(seed))
+  return nnx.merge(model.train_def, *model.state)
 
 
 def quick_config(variant: str, data_dir: str, labels: str | None = None):

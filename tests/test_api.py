@@ -31,7 +31,7 @@ args = json.loads(sys.argv[5])
 assert hw8jax.__file__.startswith(target), hw8jax.__file__  # the wheel, not the checkout
 
 checked = 0
-for name in sorted(os.listdir(configs)):
+for name in sorted(n for n in os.listdir(configs) if n.endswith(".py") and n[0] != "_"):
   spec = importlib.util.spec_from_file_location(name[:-3], os.path.join(configs, name))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -67,8 +67,9 @@ def test_the_api_from_a_wheel_installed_outside_the_checkout(tmp_path):
   source.mkdir()
   for name in ("pyproject.toml", "README.md"):
     shutil.copy(os.path.join(REPO, name), source)
-  shutil.copytree(os.path.join(REPO, "hw8jax"), source / "hw8jax",
-                  ignore=shutil.ignore_patterns("__pycache__"))
+  for folder in ("hw8jax", "configs"):
+    shutil.copytree(os.path.join(REPO, folder), source / folder,
+                    ignore=shutil.ignore_patterns("__pycache__"))
   pip = [sys.executable, "-m", "pip", "-q"]
   subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w",
                   str(tmp_path / "dist"), str(source)], check=True)
@@ -97,7 +98,7 @@ def test_the_api_from_a_wheel_installed_outside_the_checkout(tmp_path):
 def test_api_mistakes_are_one_line(tmp_path):
   import hw8jax
 
-  with pytest.raises(UserError, match="recipe 'fcn_huge': use one of ta_fcn, "):
+  with pytest.raises(UserError, match="recipe 'fcn_huge': use one of fcn_boss, fcn_crops, "):
     hw8jax.get_config("fcn_huge")
   with pytest.raises(UserError, match=r"no config.json of a training run; train first"):
     hw8jax.load(str(tmp_path))

@@ -13,7 +13,7 @@ import optax
 import pytest
 from flax import nnx
 
-from hw8jax import data, models, runtime, train
+from hw8jax import data, models, runtime, train_step
 from hw8jax.models import convolution, layers
 from hw8jax.score import make_scorer
 
@@ -178,9 +178,9 @@ def test_fast_paths_keep_convs_off_ynnpack_in_the_train_step_and_the_scorer():
     models.set_fast_paths(model, setting)
     graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     tx = optax.sgd(1e-3)
-    step = train.jit_train_step(train.make_train_step(graphdef, tx, "ta_cnn", data.normalize,
-                                                      jax.random.key(0)), mesh, setting)
-    state = train.init_state(params, stats, tx)
+    step = train_step.jit_train_step(train_step.make_train_step(
+        graphdef, tx, "ta_cnn", data.normalize, jax.random.key(0)), mesh, setting)
+    state = train_step.init_state(params, stats, tx)
     model.eval()
     scorer = make_scorer(nnx.graphdef(model), stochastic=False, fast_paths=setting)
     score_args = ((params, stats), images, np.arange(4), jax.random.key(0))
@@ -192,8 +192,8 @@ def test_fast_paths_keep_convs_off_ynnpack_in_the_train_step_and_the_scorer():
 
 FAULTS_OF_REPEATED_BLOCKS = """
 import ctypes, resource, sys, threading
-from hw8jax import runtime
-applied = runtime.tune_allocator(sys.argv[1])
+from hw8jax import cpu_tuning
+applied = cpu_tuning.tune_allocator(sys.argv[1])
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
@@ -217,13 +217,13 @@ print(applied, *faults)
 
 @pytest.mark.parametrize("setting", ["auto", "off"])
 def test_fast_paths_keep_large_blocks_of_worker_threads(setting):
-  """Under `cpu_fast_paths`, set before JAX's backend starts (as a run does), glibc keeps the
-  large blocks a worker thread frees, as XLA's threads free their buffers after each step: a
+  """Under `cpu_fast_paths`, set before JAX's backend starts (as launch.py does), glibc keeps
+  the large blocks a worker thread frees, as XLA's threads free their buffers after each step: a
   128 MiB block allocated, written and freed again faults its 32,768 pages in only the first
-  time. "off" leaves the allocator alone: every block is mapped afresh, and so it is in a
-  process whose backend started first (this one). A thread, with its own glibc arena, is what
-  needs the one-arena setting; it is driven here directly (through XLA buffers, freed
-  asynchronously, the count of fault-free calls varied with the machine's load)."""
+  time. "off" leaves the allocator alone: every block is mapped afresh. A thread, with its own
+  glibc arena, is what needs the one-arena setting; it is driven here directly (through XLA
+  buffers, freed asynchronously, the count of fault-free calls varied with the machine's
+  load)."""
   import subprocess
   import sys
 
@@ -235,5 +235,3 @@ def test_fast_paths_keep_large_blocks_of_worker_threads(setting):
     assert applied == "True" and max(faults[1:]) < 100, out
   else:
     assert applied == "False" and min(faults[1:]) > 30_000, out
-    jax.devices()
-    assert runtime.tune_allocator("on") is False

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 import pytest
 
-from hw8jax import report, runtime, train
+from hw8jax import report, runtime
 from hw8jax.data.demo import make_synthetic
 from hw8jax.main import run
 
@@ -85,13 +85,13 @@ def _losses(workdir):
 def _params(workdir):
   """Params, restored onto this process's one device."""
   from hw8jax import config as config_lib
-  from hw8jax.checkpoint import restore_for_scoring
+  from hw8jax.assemble import assemble
   from hw8jax.runtime import make_mesh
 
-  _, (params, _), step = restore_for_scoring(config_lib.base_config("tiny"),
-                                             str(workdir), "latest", make_mesh())
-  assert step == STEPS
-  return jax.tree.leaves(params)
+  model = assemble(config_lib.base_config("tiny"), "checkpoint", workdir=str(workdir),
+                   which="latest", mesh=make_mesh())
+  assert model.step == STEPS
+  return jax.tree.leaves(model.params)
 
 
 @pytest.mark.parametrize("name", ["eight", "two"])
@@ -101,8 +101,10 @@ def test_data_parallel_run_matches_one_device(runs, name):
   assert len(one) == len(other) == STEPS
   np.testing.assert_allclose(other, one, rtol=1e-5)
   a, b = _params(root / "one"), _params(root / name)
-  initial = jax.tree.leaves(train.init_model(_config(root / "data", ""),
-                                             runtime.run_keys(3)["init"])[2])
+  from hw8jax.assemble import assemble
+
+  initial = jax.tree.leaves(assemble(_config(root / "data", ""),
+                                     key=runtime.run_keys(3)["init"]).params)
   assert len(a) == len(b) == len(initial) == 19
   for x, y, x0 in zip(a, b, initial, strict=True):
     x, y, moved = np.asarray(x), np.asarray(y), np.abs(np.asarray(x) - np.asarray(x0)).max()

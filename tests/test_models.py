@@ -95,21 +95,23 @@ def test_contract(variant, seed):
     return np.asarray(aux_["recon_noise"] if variant == "resnet_boss" else recon_)
 
   np.testing.assert_array_equal(sampled(seed + 1), sampled(seed + 1))
-  assert np.array_equal(sampled(seed + 1), sampled(seed + 2)) == (variant not in models.STOCHASTIC)
+  stochastic = models.variant(variant).stochastic
+  assert np.array_equal(sampled(seed + 1), sampled(seed + 2)) == (not stochastic)
 
 
 def test_the_config_seed_alone_draws_the_initial_weights(seed):
-  """runtime.run_keys / train.init_model, as a run initialises: the same seed gives the same
+  """runtime.run_keys / assemble, as a run initialises: the same seed gives the same
   weights; another seed changes every tensor (none is drawn from a fixed key); the run's init,
   noise and scoring keys are three different keys."""
   from hw8jax import config as config_lib
-  from hw8jax import runtime, train
+  from hw8jax import runtime
+  from hw8jax.assemble import assemble
 
   c = config_lib.base_config("ta_vae")
 
   def weights(s):
-    return [np.asarray(a) for a in jax.tree.leaves(train.init_model(
-        c, runtime.run_keys(s)["init"])[2])]
+    return [np.asarray(a) for a in jax.tree.leaves(assemble(
+        c, key=runtime.run_keys(s)["init"]).params)]
 
   a, b, other = weights(seed), weights(seed), weights(seed + 1)
   assert len(a) == 14  # 7 convs and transposed convs, kernel and bias each
@@ -122,16 +124,17 @@ def test_the_config_seed_alone_draws_the_initial_weights(seed):
 
 
 def test_weights_drawn_under_cpu_fast_paths_are_jax_default_threefry_bits(seed):
-  """runtime.FUSED_THREEFRY, the key kind the initial weights are drawn with under
+  """cpu_tuning.FUSED_THREEFRY, the key kind the initial weights are drawn with under
   cpu_fast_paths: JAX's own threefry bits, splits and folds, bit for bit, from a program without
-  the while loop of JAX's CPU form. Through train.init_model: the same weights with the fast path
+  the while loop of JAX's CPU form. Through assemble: the same weights with the fast path
   on and off."""
   from hw8jax import config as config_lib
-  from hw8jax import runtime, train
+  from hw8jax import cpu_tuning
+  from hw8jax.assemble import assemble
 
   key = jax.random.key(seed)
-  fused = runtime.draw_key(key, "on")
-  assert runtime.draw_key(key, "off") is key
+  fused = cpu_tuning.draw_key(key, "on")
+  assert cpu_tuning.draw_key(key, "off") is key
   assert jax.random.key_impl(fused) != jax.random.key_impl(key)
   for shape in [(7,), (3, 5, 2), (64, 3, 3, 3), (0,)]:
     for draw in (jax.random.uniform, jax.random.normal,
@@ -148,7 +151,7 @@ def test_weights_drawn_under_cpu_fast_paths_are_jax_default_threefry_bits(seed):
   weights = {}
   for setting in ("on", "off"):
     c.cpu_fast_paths = setting
-    weights[setting] = jax.tree.leaves(train.init_model(c, key)[2:])
+    weights[setting] = jax.tree.leaves(assemble(c, key=key).state)
   assert len(weights["on"]) == 14
   for a, b in zip(weights["on"], weights["off"], strict=True):
     np.testing.assert_array_equal(a, b)
@@ -247,8 +250,9 @@ def test_import_from_torch_save_file(tmp_path, seed, whole_model):
 
 
 def test_import_of_a_missing_file_names_it(tmp_path):
-  require_torch()
-  with pytest.raises(FileNotFoundError, match="nope.pt: no such file"):
+  from hw8jax.torch_import import TorchFileError
+
+  with pytest.raises(TorchFileError, match=r"nope.pt: cannot read it \(No such file"):
     load_state_dict(models.build("ta_cnn", rngs=nnx.Rngs(0)), tmp_path / "nope.pt")
 
 

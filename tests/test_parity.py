@@ -29,7 +29,6 @@ import pytest
 from flax import nnx
 
 from hw8jax import models
-from hw8jax.losses import loss_fn
 from hw8jax.torch_import import load_state_dict, torch_targets
 
 from conftest import images, require_torch
@@ -86,7 +85,7 @@ def paired(variant, seed):
 
 def torch_noise_kwargs(torch, variant, aux_shape_source, key):
   """The noise hw8jax's `__call__` draws from `nnx.Rngs(noise=key)`, for the PyTorch side."""
-  if variant not in models.STOCHASTIC:
+  if not models.variant(variant).stochastic:
     return {}
   draw = nnx.Rngs(noise=key).noise()
   if variant == "resnet_boss":
@@ -197,11 +196,11 @@ def check_train_step(variant, seed, dtype, grad_rtol, atol=None):
   def loss_of(params, stats):
     m = nnx.merge(graphdef, params, stats)
     recon, aux = m(jnp.asarray(x), rngs=nnx.Rngs(noise=key))
-    loss, _ = loss_fn(variant)(jnp.asarray(x), recon, aux)
+    loss, _ = models.variant(variant).loss(jnp.asarray(x), recon, aux)
     return loss, (recon, nnx.state(m, nnx.BatchStat))
 
   # Jitted as training is; the weights are donated so their buffers can hold the gradients.
-  # The statistics are differentiated too (their gradient unused), as in train.make_train_step:
+  # The statistics are differentiated too (their gradient unused), as in train_step.make_train_step:
   # NNX updates them only at the trace level of the params.
   (loss_j, (recon_j, new_stats)), (grads, _) = jax.jit(
       jax.value_and_grad(loss_of, argnums=(0, 1), has_aux=True), donate_argnums=0)(params, stats)
@@ -231,7 +230,7 @@ def check_train_step(variant, seed, dtype, grad_rtol, atol=None):
     if math.sqrt(err2) > grad_rtol * math.sqrt(norm2):  # only then are the float64 runs
       rounding = _torch_float32_rounding(torch, ref, torch_grads, variant, x, noise)  # needed
       own = 0.0
-      if variant not in models.STOCHASTIC:  # (noise drawn in float64 would be other noise)
+      if not models.variant(variant).stochastic:  # (noise drawn in float64 would be other noise)
         own = _jax_float32_rounding(variant, {**ref.state_dict(), **buffers_before}, x, grads)
         assert own <= 1e-2 * math.sqrt(norm2), (own, math.sqrt(norm2))
       del grads
@@ -264,7 +263,7 @@ def _jax_float32_rounding(variant, state_dict, x, grads32) -> float:
 
     def loss_of(params, stats):
       recon, aux = nnx.merge(graphdef, params, stats)(x64)
-      return loss_fn(variant)(x64, recon, aux)[0]
+      return models.variant(variant).loss(x64, recon, aux)[0]
 
     grads64 = dict(nnx.to_flat_state(jax.jit(jax.grad(loss_of, argnums=(0, 1)))(params,
                                                                                  stats)[0]))

@@ -21,7 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from hw8jax import report, train
+from hw8jax import report, train_step
 from hw8jax.data.demo import make_synthetic
 
 from conftest import launch_command, quick_config, tensorboard_scalars
@@ -464,7 +464,7 @@ def test_images_per_second_counts_finished_steps(data_dir, tmp_path, monkeypatch
   any step large enough). A rate timed before reading the logged loss counted steps still
   queued (an fcn_boss run on 2 cores printed 2.5x what that machine can do). Whenever it is
   logged, no rate may exceed batch / 0.05 s."""
-  real = train.jit_train_step
+  real = train_step.jit_train_step
   queued = []
 
   class Pending:
@@ -486,7 +486,7 @@ def test_images_per_second_counts_finished_steps(data_dir, tmp_path, monkeypatch
 
     return step
 
-  monkeypatch.setattr(train, "jit_train_step", dispatching)
+  monkeypatch.setattr(train_step, "jit_train_step", dispatching)
   from hw8jax.main import run
 
   c = quick_config("tiny", data_dir, labels="")

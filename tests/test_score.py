@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from hw8jax import config as config_lib
-from hw8jax import data, report
+from hw8jax import data, evaluate, report
 from hw8jax.data.demo import make_synthetic, synthetic_images
 from hw8jax.main import run
 from hw8jax.score import image_error, make_scorer, score_images
@@ -135,11 +135,11 @@ def test_outputs_and_figures_are_written(trained):
 def test_best_and_latest_checkpoints_both_score(trained):
   workdir = trained[0]
   c = config_lib.base_config("tiny")
-  from hw8jax.checkpoint import restore_for_scoring
+  from hw8jax.assemble import assemble
   from hw8jax.runtime import make_mesh
 
   for which in ("latest", "best"):
-    _, _, step = restore_for_scoring(c, workdir, which, make_mesh())
+    step = assemble(c, "checkpoint", workdir=workdir, which=which, mesh=make_mesh()).step
     assert 0 < step <= 12
   # best holds no optimiser state (Adam's two moments would triple it: fcn_boss 0.43 GB, not
   # 1.3 GB) and no data iterator.
@@ -221,7 +221,7 @@ def test_f1_best_threshold_is_the_best_cut(seed):
     labels = rng.integers(0, 2, n)
     labels[:2] = (0, 1)
     scores = rng.integers(0, 8, n).astype(np.float32)
-    record = report.evaluate(labels, scores, threshold=float(np.median(scores)))
+    record = evaluate.evaluate(labels, scores, threshold=float(np.median(scores)))
     candidates = np.unique(scores)[:-1]
     f1 = [2 * np.sum((scores > t) & (labels == 1)) / (np.sum(scores > t) + labels.sum())
           for t in candidates]

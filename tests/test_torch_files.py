@@ -352,3 +352,27 @@ def test_launch_with_a_hostile_init_from_says_one_line_and_writes_only_its_workd
   assert not (root / "MARKER").exists()
   assert {**_snapshot(root), **_snapshot(tmp_path, skip=workdir)} == before
   assert not (workdir / "submission.csv").exists()
+
+
+def test_every_assembly_of_a_model_follows_cpu_fast_paths(whole_model_files, tmp_path):
+  """Scoring a PyTorch file (init_from on a workdir without checkpoints), training from one and
+  a fresh model: every conv follows the config's `cpu_fast_paths` (the scoring path for
+  init_from once built its model apart and kept the default)."""
+  from hw8jax import config as config_lib
+  from hw8jax.assemble import assemble
+  from hw8jax.models import layers
+  from hw8jax.runtime import make_mesh
+
+  out, _ = whole_model_files
+  c = config_lib.base_config("ta_cnn")
+  for setting in ("on", "off"):
+    c.cpu_fast_paths = setting
+    for init_from, weights in ((str(out / "last_model_ta_cnn.pt"), "scoring"),
+                               (str(out / "last_model_ta_cnn.pt"), "init"), ("", "init")):
+      c.init_from = init_from
+      model = assemble(c, weights, key=jax.random.key(0), workdir=str(tmp_path),
+                       mesh=make_mesh())
+      for graphdef in (model.train_def, model.eval_def):
+        found = {m.fast_paths for _, m in nnx.iter_modules(nnx.merge(graphdef, *model.state))
+                 if isinstance(m, (layers.Conv, layers.ConvTranspose))}
+        assert found == {setting}, (init_from, weights, found)

@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 
 from hw8jax import config as config_lib
-from hw8jax import data, models, train
+from hw8jax import data, models, train_step
 from hw8jax.data.demo import make_synthetic, synthetic_images
 from hw8jax.main import run
 from hw8jax.torch_import import load_state_dict
@@ -38,7 +38,7 @@ def transformers_lr(base, step, warmup, total):
 def test_warmup_cosine_equals_transformers_at_every_step(total):
   c = config_lib.base_config("fcn_boss")
   c.schedule.name = "warmup_cosine"
-  schedule = train.make_schedule(c, total)
+  schedule = train_step.make_schedule(c, total)
   warmup = int(1.15 * 0.1 * total)
   got = np.asarray(jax.vmap(schedule)(jnp.arange(total)))
   want = np.array([transformers_lr(1e-3, s, warmup, total) for s in range(total)])
@@ -64,7 +64,7 @@ def test_torch_lambda_lr_sees_the_same_rate_per_optimizer_step():
     sched.step()
   c = config_lib.base_config("fcn_boss")
   c.schedule.name = "warmup_cosine"
-  schedule = train.make_schedule(c, total)
+  schedule = train_step.make_schedule(c, total)
   np.testing.assert_allclose([float(schedule(s)) for s in range(total)], seen, rtol=1e-5,
                              atol=1e-10)
 
@@ -296,8 +296,8 @@ def _follow_pytorch(variant, schedule, rel, seed, steps=20, batch=16):
 
   c = config_lib.base_config(variant)
   c.schedule.name = schedule
-  sched = train.make_schedule(c, steps)
-  tx = train.make_optimizer(c, sched)
+  sched = train_step.make_schedule(c, steps)
+  tx = train_step.make_optimizer(c, sched)
   base_transform = data.get_transform("crop" if variant == "fcn_boss" else "none")
   transform = jax.jit(lambda im: base_transform(im).astype(np.float64))
   # Both sides get the very same input array: the transform fused into the train step rounds a
@@ -305,10 +305,10 @@ def _follow_pytorch(variant, schedule, rel, seed, steps=20, batch=16):
   # The transform has its own parity test (test_data.py). The step compiles at XLA's default
   # LLVM level (3), not the suite's 0 (conftest.py): float64 convs are XLA's own loops, not
   # library calls, and at level 0 ran 17x slower (ta_cnn's gradient at batch 16: 1.2 s / 0.07 s).
-  step_fn = jax.jit(train.make_train_step(graphdef, tx, variant, lambda x: x, jax.random.key(0),
-                                          compute_dtype=np.float64),
+  step_fn = jax.jit(train_step.make_train_step(graphdef, tx, variant, lambda x: x,
+                                               jax.random.key(0), compute_dtype=np.float64),
                     compiler_options={"xla_backend_optimization_level": 3})
-  state = train.init_state(params, stats, tx)
+  state = train_step.init_state(params, stats, tx)
 
   opt = torch.optim.Adam(ref.parameters(), lr=1e-3, foreach=True)  # the same sums, batched
   torch_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: float(sched(s)) / 1e-3)

@@ -1,13 +1,12 @@
 """Input data: validated .npy reading, transforms, grain pipelines, demo and synthetic sets."""
 
+from hw8jax.data.inputs import RunData, open_run_data
 from hw8jax.data.io import (
     TEST_FILE,
     TRAIN_FILE,
     DataError,
-    RunData,
     open_images,
     open_labels,
-    open_run_data,
     write_npy_atomic,
 )
 from hw8jax.data.pipeline import (

@@ -7,31 +7,45 @@ reconstruction; `__call__` samples (VAE z, resnet latent noise) from `rngs.noise
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 from flax import nnx
 
-from hw8jax import losses, runtime
+from hw8jax import cpu_tuning, losses
 from hw8jax.models import layers
 from hw8jax.models.cnn import ta_cnn, ta_vae
 from hw8jax.models.fcn import fcn_boss, fcn_medium, fcn_strong, ta_fcn
 from hw8jax.models.multi_encoder import multi_encoder
 from hw8jax.models.resnet import resnet_boss
 
-REGISTRY: dict[str, Callable[..., nnx.Module]] = {
-    "ta_fcn": ta_fcn,
-    "ta_cnn": ta_cnn,
-    "ta_vae": ta_vae,
-    "fcn_medium": fcn_medium,
-    "fcn_strong": fcn_strong,
-    "fcn_boss": fcn_boss,
-    "multi_encoder": multi_encoder,
-    "resnet_boss": resnet_boss,
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """Everything hw8jax knows of a variant."""
+  build: Callable[..., nnx.Module]  # build(rngs=...): a fresh model, in training mode
+  loss: Callable                    # loss(x, recon, aux) -> (loss, named terms), `hw8jax.losses`
+  stochastic: bool = False          # whether __call__ draws noise when given rngs
+
+
+REGISTRY: dict[str, Variant] = {
+    "ta_fcn": Variant(ta_fcn, losses.reconstruction_loss),
+    "ta_cnn": Variant(ta_cnn, losses.reconstruction_loss),
+    "ta_vae": Variant(ta_vae, losses.vae_loss, stochastic=True),
+    "fcn_medium": Variant(fcn_medium, losses.reconstruction_loss),
+    "fcn_strong": Variant(fcn_strong, losses.reconstruction_loss),
+    "fcn_boss": Variant(fcn_boss, losses.reconstruction_loss),
+    "multi_encoder": Variant(multi_encoder, losses.multi_encoder_loss, stochastic=True),
+    "resnet_boss": Variant(resnet_boss, losses.resnet_loss, stochastic=True),
 }
-# The originals, in the order the README lists them; `register` adds to REGISTRY, not to these.
+# The originals, in the order the README lists them; `register` adds to REGISTRY only.
 VARIANTS = tuple(REGISTRY)
-# Variants whose `__call__` draws noise when given rngs.
-STOCHASTIC = {"ta_vae", "multi_encoder", "resnet_boss"}
+
+
+def variant(name: str) -> Variant:
+  if name not in REGISTRY:
+    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(REGISTRY)}")
+  return REGISTRY[name]
 
 
 def register(name: str, builder: Callable[..., nnx.Module], *, loss: Callable,
@@ -43,12 +57,7 @@ def register(name: str, builder: Callable[..., nnx.Module], *, loss: Callable,
   if name in VARIANTS:
     raise ValueError(f"model {name!r} is an original variant; choose another name")
   _check_state(name, builder)
-  REGISTRY[name] = builder
-  losses.LOSSES[name] = loss
-  if stochastic:
-    STOCHASTIC.add(name)
-  else:
-    STOCHASTIC.discard(name)
+  REGISTRY[name] = Variant(builder, loss, stochastic)
 
 
 def _check_state(name: str, builder: Callable[..., nnx.Module]) -> None:
@@ -65,16 +74,14 @@ def _check_state(name: str, builder: Callable[..., nnx.Module]) -> None:
 
 def build(name: str, *, rngs: nnx.Rngs) -> nnx.Module:
   """A freshly initialised model of variant `name` (in training mode, as PyTorch builds it)."""
-  if name not in REGISTRY:
-    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(REGISTRY)}")
-  return REGISTRY[name](rngs=rngs)
+  return variant(name).build(rngs=rngs)
 
 
 def set_fast_paths(model: nnx.Module, setting: str) -> None:
   """Every conv of `model` follows the `cpu_fast_paths` setting ("auto", "on" or "off";
   `hw8jax.models.convolution`). A static attribute, so a function jitted with one setting is
   not reused for another."""
-  runtime.cpu_fast_paths(setting)  # checks the name
+  cpu_tuning.cpu_fast_paths(setting)  # checks the name
   for _, module in nnx.iter_modules(model):
     if isinstance(module, (layers.Conv, layers.ConvTranspose)):
       module.fast_paths = setting

@@ -17,10 +17,12 @@ XLA's own (GPUs call cuDNN, expected to win there; unmeasured).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
-from hw8jax.runtime import cpu_fast_paths
+from hw8jax.cpu_tuning import cpu_fast_paths
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -70,3 +72,56 @@ def conv2d(x, w, stride: int, padding: tuple[int, int], fast_paths: str = "auto"
   else in XLA's."""
   form = plan(x.shape, w.shape, stride) if cpu_fast_paths(fast_paths) else "xla"
   return FORMS[form](x, w, stride, padding, precision)
+
+
+def subpixel_kernel(kernel: jax.Array, s: int, p: int, taps: int) -> jax.Array:
+  """The (taps, taps, in, s*s*out) stride-1 kernel of a transposed conv with kernel
+  (k, k, out, in) (PyTorch's flipped layout), stride s and PyTorch padding p; output channels
+  are ordered (phase_y, phase_x, out)."""
+  return _subpixel_kernel(kernel, s, p, taps)
+
+
+def _subpixel_rows(k: int, s: int, p: int, taps: int) -> dict:
+  """{(window row d, phase a): kernel row} for the rows that exist: window row d holds
+  x[m + d - t_max], and phase a of output s*m + a reads kernel row s*(t_max - d) + a + p.
+  Each kernel row appears once."""
+  t_max = (k - 1 - p) // s
+  rows = {(d, a): s * (t_max - d) + a + p for d in range(taps) for a in range(s)}
+  return {da: r for da, r in rows.items() if 0 <= r < k}
+
+
+# Both directions are static slices stacked together: a gather (and autodiff's transpose of the
+# stacking, 36 padded copies summed) cost resnet_boss's train step over 200 ms at batch 32.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _subpixel_kernel(kernel, s, p, taps):
+  rows = _subpixel_rows(kernel.shape[0], s, p, taps)
+  kt = kernel.transpose(0, 1, 3, 2)  # (k, k, in, out)
+  zero = jnp.zeros(kt.shape[2:], kt.dtype)
+
+  def tap(d, a, e, b):
+    if (d, a) in rows and (e, b) in rows:
+      return kt[rows[d, a], rows[e, b]]
+    return zero
+
+  g = jnp.stack([jnp.stack([
+      jnp.stack([jnp.stack([tap(d, a, e, b) for b in range(s)], axis=1) for a in range(s)],
+                axis=1)
+      for e in range(taps)]) for d in range(taps)])              # (d, e, in, a, b, out)
+  return g.reshape(taps, taps, kernel.shape[3], s * s * kernel.shape[2])
+
+
+def _subpixel_kernel_fwd(kernel, s, p, taps):
+  return _subpixel_kernel(kernel, s, p, taps), kernel.shape
+
+
+def _subpixel_kernel_bwd(s, p, taps, shape, grad):
+  k, _, out_ch, in_ch = shape
+  g = grad.reshape(taps, taps, in_ch, s, s, out_ch)
+  where = {r: da for da, r in _subpixel_rows(k, s, p, taps).items()}
+  # Every kernel row has exactly one place in the window (the row set covers 0..k-1).
+  dk = jnp.stack([jnp.stack([g[where[r][0], where[c][0], :, where[r][1], where[c][1]]
+                             for c in range(k)]) for r in range(k)])  # (k, k, in, out)
+  return (dk.transpose(0, 1, 3, 2),)
+
+
+_subpixel_kernel.defvjp(_subpixel_kernel_fwd, _subpixel_kernel_bwd)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hw8jax import runtime
+from hw8jax import cpu_tuning
 from hw8jax.models import convolution
 
 # PyTorch's kaiming_uniform_(a=sqrt(5)) is U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
@@ -131,13 +131,13 @@ class ConvTranspose(nnx.ConvTranspose):
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
     plan = self._subpixel_plan()
-    if plan is None or not runtime.cpu_fast_paths(self.fast_paths):
+    if plan is None or not cpu_tuning.cpu_fast_paths(self.fast_paths):
       return super().__call__(inputs)
     taps, lo, hi = plan
     x, kernel, bias = self.promote_dtype((inputs, self.kernel[...], self.bias[...]),
                                          dtype=self.dtype)
     s, out_ch = self.strides, kernel.shape[2]
-    k = subpixel_kernel(kernel, s, self.torch_padding, taps)
+    k = convolution.subpixel_kernel(kernel, s, self.torch_padding, taps)
     b, h, w, _ = x.shape
     y = convolution.conv2d(x, k, 1, (lo, hi), self.fast_paths, self.precision)
     y = y.reshape(b, h, w, s, s, out_ch).transpose(0, 1, 3, 2, 4, 5)
@@ -158,59 +158,6 @@ class ConvTranspose(nnx.ConvTranspose):
     # Output s*m + a takes x[m - t] * w[s*t + a + p] over the t with 0 <= s*t + a + p < k.
     t_min, t_max = -((s - 1 + p) // s), (k - 1 - p) // s
     return t_max - t_min + 1, t_max, -t_min
-
-
-def subpixel_kernel(kernel: jax.Array, s: int, p: int, taps: int) -> jax.Array:
-  """The (taps, taps, in, s*s*out) stride-1 kernel of a transposed conv with kernel
-  (k, k, out, in) (PyTorch's flipped layout), stride s and PyTorch padding p; output channels
-  are ordered (phase_y, phase_x, out)."""
-  return _subpixel_kernel(kernel, s, p, taps)
-
-
-def _subpixel_rows(k: int, s: int, p: int, taps: int) -> dict:
-  """{(window row d, phase a): kernel row} for the rows that exist: window row d holds
-  x[m + d - t_max], and phase a of output s*m + a reads kernel row s*(t_max - d) + a + p.
-  Each kernel row appears once."""
-  t_max = (k - 1 - p) // s
-  rows = {(d, a): s * (t_max - d) + a + p for d in range(taps) for a in range(s)}
-  return {da: r for da, r in rows.items() if 0 <= r < k}
-
-
-# Both directions are static slices stacked together: a gather (and autodiff's transpose of the
-# stacking, 36 padded copies summed) cost resnet_boss's train step over 200 ms at batch 32.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _subpixel_kernel(kernel, s, p, taps):
-  rows = _subpixel_rows(kernel.shape[0], s, p, taps)
-  kt = kernel.transpose(0, 1, 3, 2)  # (k, k, in, out)
-  zero = jnp.zeros(kt.shape[2:], kt.dtype)
-
-  def tap(d, a, e, b):
-    if (d, a) in rows and (e, b) in rows:
-      return kt[rows[d, a], rows[e, b]]
-    return zero
-
-  g = jnp.stack([jnp.stack([
-      jnp.stack([jnp.stack([tap(d, a, e, b) for b in range(s)], axis=1) for a in range(s)],
-                axis=1)
-      for e in range(taps)]) for d in range(taps)])              # (d, e, in, a, b, out)
-  return g.reshape(taps, taps, kernel.shape[3], s * s * kernel.shape[2])
-
-
-def _subpixel_kernel_fwd(kernel, s, p, taps):
-  return _subpixel_kernel(kernel, s, p, taps), kernel.shape
-
-
-def _subpixel_kernel_bwd(s, p, taps, shape, grad):
-  k, _, out_ch, in_ch = shape
-  g = grad.reshape(taps, taps, in_ch, s, s, out_ch)
-  where = {r: da for da, r in _subpixel_rows(k, s, p, taps).items()}
-  # Every kernel row has exactly one place in the window (the row set covers 0..k-1).
-  dk = jnp.stack([jnp.stack([g[where[r][0], where[c][0], :, where[r][1], where[c][1]]
-                             for c in range(k)]) for r in range(k)])  # (k, k, in, out)
-  return (dk.transpose(0, 1, 3, 2),)
-
-
-_subpixel_kernel.defvjp(_subpixel_kernel_fwd, _subpixel_kernel_bwd)
 
 
 class BatchNorm(nnx.Module):

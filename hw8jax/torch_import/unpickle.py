@@ -23,7 +23,6 @@ from __future__ import annotations
 import collections
 import io
 import math
-import os
 import pickle
 import pickletools
 import re
@@ -37,8 +36,6 @@ from hw8jax.torch_import.archive import (
     Refused,
     Storage,
     StorageType,
-    TorchFileError,
-    open_regular,
     shown,
 )
 
@@ -295,23 +292,3 @@ def state_dict(archive: Archive) -> dict:
     if not isinstance(key, str) or not isinstance(value, _Tensor):
       raise Refused(f"entry {shown(key)} is a {type(value).__name__}, not a tensor")
   return {key: value.array for key, value in obj.items()}
-
-
-def read_file(path) -> dict[str, np.ndarray]:
-  """The state_dict of a `torch.save` file (a state_dict or a whole model) as read-only numpy
-  arrays, read without torch and without running anything in the file. Anything else is one
-  TorchFileError line naming the file."""
-  path = os.fspath(path)
-  try:
-    f = open_regular(path)
-  except Refused as e:
-    raise TorchFileError(f"{shown(path)}: {e}") from None
-  try:
-    with f:
-      return state_dict(Archive(f))
-  except Refused as e:
-    raise TorchFileError(f"{shown(path)}: refused: {e}; nothing in the file was run") from None
-  except Exception as e:  # zipfile, pickle and numpy raise many kinds on damaged files
-    detail = str(e).splitlines()[0] if str(e) else "no detail"
-    raise TorchFileError(f"{shown(path)}: not a readable torch.save file ({type(e).__name__}: "
-                         f"{shown(detail)}); nothing in the file was run") from None

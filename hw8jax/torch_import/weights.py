@@ -11,7 +11,7 @@ maps to a layer by its path with nnx.Sequential's `layers` level left out. What 
   not needed (momentum is fixed) and is accepted and ignored.
 - PReLU weight (1,) -> the scalar slope.
 
-No torch is needed: files are read by `hw8jax.torch_import.read_state_dict`.
+No torch is needed: files are read by `hw8jax.torch_import.read_file`.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from flax import nnx
 from hw8jax import models
 from hw8jax.errors import UserError
 from hw8jax.models import layers
+from hw8jax.torch_import import read_file
 from hw8jax.torch_import.archive import TorchFileError, shown
-from hw8jax.torch_import.unpickle import read_file
 
 # Per layer type: (PyTorch name, nnx attribute, converter(array, layer) -> array).
 Converter = Callable[[np.ndarray, nnx.Module], np.ndarray]

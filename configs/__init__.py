@@ -1,0 +1,26 @@
+"""The recipes: one file per variant (and fcn_crops.py, a member of the multi-crop ensemble),
+each `get_config(arg=None)` holding its original's values and saying where each comes from.
+
+launch.py reads them by path (`--config=configs/fcn_boss.py:quick`); the package ships the same
+files as `hw8jax.configs`, and `hw8jax.get_config("fcn_boss", "quick")` calls the same function.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+
+def names() -> list[str]:
+  return sorted(m.name for m in pkgutil.iter_modules(__path__))
+
+
+def get_config(recipe: str, arg: str | None = None):
+  """The config of `recipe` (a variant name, or "fcn_crops") with its optional arg ("quick",
+  "demo"; for fcn_crops "N", "N,quick" or "N,demo")."""
+  from hw8jax.config import ConfigError
+
+  if recipe not in names():
+    raise ConfigError(f"recipe {recipe!r}: use one of {', '.join(names())}")
+  module = importlib.import_module(f"{__name__}.{recipe}")
+  return module.get_config() if arg is None else module.get_config(arg)

@@ -1,0 +1,64 @@
+"""Evaluation of anomaly scores against 0/1 labels (ROC AUC, AUPR, precision, recall and F1 at a
+threshold, the F1-best threshold), and the threshold itself: a quantile of the scores of normal
+images."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _at_threshold(labels: np.ndarray, predicted: np.ndarray) -> dict:
+  tp = int(np.sum(predicted & (labels == 1)))
+  fp, fn = int(np.sum(predicted & (labels == 0))), int(np.sum(~predicted & (labels == 1)))
+  precision = tp / (tp + fp) if tp + fp else 0.0
+  recall = tp / (tp + fn) if tp + fn else 0.0
+  f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+  return {"precision": precision, "recall": recall, "f1": f1}
+
+
+def _f1_best_threshold(labels: np.ndarray, scores: np.ndarray) -> float | None:
+  """The t of the best F1 of "score > t" over every distinct cut of the sorted scores."""
+  order = np.argsort(-np.asarray(scores), kind="stable")
+  s, y = np.asarray(scores)[order], np.asarray(labels)[order]
+  cuts = np.nonzero(s[:-1] > s[1:])[0] + 1  # the top k images are exactly those > s[k]
+  if not len(cuts) or not y.sum():
+    return None
+  tp = np.cumsum(y)[cuts - 1]
+  f1 = 2 * tp / (cuts + y.sum())  # 2 tp / (predicted + actual positives)
+  return float(s[cuts[int(np.argmax(f1))]])
+
+
+def single_class(labels: np.ndarray) -> str | None:
+  """Why AUCs cannot be computed on `labels` (one class only), or None when they can."""
+  classes = np.unique(labels)
+  if len(classes) == 2:
+    return None
+  kind = "anomalies (1)" if classes[0] == 1 else "normal images (0)"
+  return f"the test labels hold only {kind}: ROC AUC and AUPR need both classes"
+
+
+def evaluate(labels: np.ndarray, scores: np.ndarray, threshold: float | None = None) -> dict:
+  """AUC and AUPR of `scores` against 0/1 `labels` (None, with the reason, for one class);
+  with a `threshold`, precision, recall and F1 of "score > threshold", and the F1-best
+  threshold (chosen on these labels: what the threshold could at best be, not a fair one)."""
+  from sklearn.metrics import average_precision_score, roc_auc_score
+
+  counts = {"num_images": int(len(labels)), "num_anomalies": int(np.sum(labels))}
+  at = {}
+  if threshold is not None:
+    at = {"threshold": threshold, **_at_threshold(labels, scores > threshold)}
+    best = _f1_best_threshold(labels, scores)
+    if best is not None:
+      at["f1_best"] = {"threshold": best, **_at_threshold(labels, scores > best)}
+  reason = single_class(labels)
+  if reason:
+    return {"auc": None, "aupr": None, "auc_undefined": reason, **counts, **at}
+  return {"auc": float(roc_auc_score(labels, scores)),
+          "aupr": float(average_precision_score(labels, scores)), **counts, **at}
+
+
+def threshold_record(reference_scores: np.ndarray, quantile: float, source: str) -> dict:
+  """The predictions' threshold: the `quantile` of the scores of normal images (`source` says
+  which), as threshold.json records it."""
+  return {"threshold": float(np.quantile(reference_scores, quantile)), "quantile": quantile,
+          "from": source}

@@ -1,0 +1,116 @@
+"""A scoring run: the model a config scores (`assemble`), every test image scored, the threshold
+from normal images, and the outputs: submission.csv, scores.npy, predictions.csv,
+threshold.json, the figures, and with labels eval.json and roc.png."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+
+from hw8jax import config as config_lib
+from hw8jax import data, evaluate, figures, report, runtime
+from hw8jax import workdir as workdir_lib
+from hw8jax.assemble import assemble
+from hw8jax.score import autoencode, score_images, scorer_for
+
+THRESHOLD_SAMPLE = 2000  # training images scored for the threshold without a validation split
+
+
+def _threshold(config, inputs, scorer, model_state, mesh) -> dict:
+  """The `score.threshold_quantile` quantile of the scores of normal images the model did not
+  train on (the held-out validation images) or, without a validation split, of a seeded sample
+  of up to THRESHOLD_SAMPLE training images."""
+  num_train = len(inputs.train)
+  held = config_lib.num_held_out(num_train, config.data.val_fraction)
+  if held:
+    index = data.validation_split(num_train, held, config.seed)[1]
+    source = f"{len(index)} held-out training images"
+  else:
+    index = np.sort(np.random.default_rng([config.seed, 0, 2]).permutation(num_train)
+                    [:THRESHOLD_SAMPLE])
+    source = f"{len(index)} training images (the model trained on them)"
+  reference = score_images(scorer, model_state, np.asarray(inputs.train[index]),
+                           batch_size=config.score.batch_size,
+                           key=runtime.run_keys(config.seed)["score"], mesh=mesh)
+  return evaluate.threshold_record(reference, config.score.threshold_quantile, source)
+
+
+def score_run(config, workdir: str, inputs) -> dict | None:
+  """Score every test image and write the outputs; returns the eval record (None without
+  labels)."""
+  mesh = runtime.make_mesh()
+  model = assemble(config, "scoring", workdir=workdir, mesh=mesh)
+  if runtime.is_main_process():
+    workdir_lib.record(config, workdir, "score")
+  scorer = scorer_for(config, model.eval_def)
+  scores = score_images(scorer, model.state, inputs.test, batch_size=config.score.batch_size,
+                        key=runtime.run_keys(config.seed)["score"], mesh=mesh)
+  threshold = _threshold(config, inputs, scorer, model.state, mesh)
+  if not runtime.is_main_process():
+    return None
+  csv_path = os.path.join(workdir, "submission.csv")
+  report.write_submission(csv_path, scores)
+  data.write_npy_atomic(os.path.join(workdir, "scores.npy"), scores)
+  report.write_predictions(os.path.join(workdir, "predictions.csv"), scores,
+                           threshold["threshold"])
+  report.write_json(os.path.join(workdir, "threshold.json"), threshold)
+  print(f"wrote {csv_path} ({len(scores)} rows) from {model.source}; predictions.csv: "
+        f"{int(np.sum(scores > threshold['threshold']))} above the threshold "
+        f"{threshold['threshold']:.6g} ({threshold['from']})", flush=True)
+  _model_figures(workdir, config, model, inputs, scores)
+  if inputs.labels is None:
+    report.remove_label_outputs(workdir)  # a previous run's, which no longer describe this one
+    return None
+  record = {**evaluate.evaluate(inputs.labels, scores, threshold["threshold"]),
+            "checkpoint": config.checkpoint.restore, "step": model.step, "model": config.model,
+            "metric": config.score.metric, "weights": model.source, "threshold_from": threshold}
+  if config.checkpoint.restore == "best" and model.source.startswith("the best"):
+    record["best_by"] = config_lib.best_by(config)
+    if record["best_by"] == "test_auc":
+      record["best_chosen_on_test_set"] = True  # this AUC is biased upward
+  report.write_json(os.path.join(workdir, "eval.json"), record)
+  report.print_evaluation(record)
+  if record["auc"] is not None:
+    figures.plot_roc_and_histogram(os.path.join(workdir, "roc.png"), inputs.labels, scores,
+                                   record["auc"])
+  else:
+    report.remove_label_outputs(workdir, keep=("eval.json",))
+  return record
+
+
+def _model_figures(workdir: str, config, model, inputs, scores: np.ndarray) -> None:
+  """reconstructions.png (the six most and six least anomalous test images) and
+  latent_edits.png, on this process's first device from a local copy of the replicated
+  parameters (whatever mesh they were restored onto). Each model computation is one compiled
+  call: op by op, a small model spent seconds compiling a hundred single operations."""
+  state = jax.tree.map(lambda a: jax.device_put(a.addressable_data(0), jax.local_devices()[0]),
+                       model.state)
+  transform = data.get_transform(config.data.transform)
+  encode = jax.jit(lambda s, x: nnx.merge(model.eval_def, *s).encode(x))
+  decode = jax.jit(lambda s, z: nnx.merge(model.eval_def, *s).decode(z))
+  order = np.argsort(scores, kind="stable")
+  picks = np.concatenate([order[-6:][::-1], order[:6]])
+  x = transform(np.asarray(inputs.test[np.sort(picks)]))[np.argsort(np.argsort(picks))]
+  recon = np.asarray(autoencode(model.eval_def)(state, x))
+  marks = None if inputs.labels is None else \
+      ["anomaly" if inputs.labels[i] else "normal" for i in picks]
+  figures.plot_reconstructions(os.path.join(workdir, "reconstructions.png"), np.asarray(x),
+                               recon, scores[picks], "most anomalous (left six) and most normal "
+                               f"(right six) of the {len(scores)} test images", marks)
+  # The homework's report figure, on a training image (a face the model learned from): each of
+  # the two largest-magnitude latent elements is swept over z_i + t * max|z| for t in SWEEP, a
+  # range wide enough to see (doubling one element showed nothing in the demo).
+  face = transform(np.asarray(inputs.train[:1]))
+  z = encode(state, face)
+  flat = np.asarray(z, np.float32).reshape(-1)
+  chosen = np.argsort(-np.abs(flat))[:2]
+  span = float(np.abs(flat).max())
+  edits = [(i, t) for i in chosen for t in figures.SWEEP]
+  latents = np.stack([flat] + [np.where(np.arange(flat.size) == i, flat[i] + t * span, flat)
+                               for i, t in edits])
+  decoded = np.asarray(decode(state, latents.reshape(-1, *z.shape[1:])))
+  figures.plot_latent_edits(os.path.join(workdir, "latent_edits.png"),
+                            figures.latent_edit_panels(np.asarray(face)[0], decoded, chosen))
