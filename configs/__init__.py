@@ -20,6 +20,9 @@ def get_config(recipe: str, arg: str | None = None):
   "demo"; for fcn_crops "N", "N,quick" or "N,demo")."""
   from hw8jax.config import ConfigError
 
+  if not (arg is None or isinstance(arg, str)):
+    raise ConfigError(f"arg {arg!r}: give a string ('quick', 'demo'; for fcn_crops '0', '1', "
+                      "'2', optionally with ',quick' or ',demo')")
   if recipe not in names():
     raise ConfigError(f"recipe {recipe!r}: use one of {', '.join(names())}")
   module = importlib.import_module(f"{__name__}.{recipe}")

@@ -98,8 +98,11 @@ def _restored(config, workdir: str, which: str, mesh) -> Assembled:
                                runtime.replicated(mesh))
   mngrs = checkpoint.managers(workdir, config.checkpoint.keep)
   try:
-    found = checkpoint.newest_intact(
-        mngrs[which], lambda step: checkpoint.restore_model(mngrs[which], target, step))
+    def read(step):
+      checkpoint.check_model(mngrs[which], step, config.model)
+      return checkpoint.restore_model(mngrs[which], target, step)
+
+    found = checkpoint.newest_intact(mngrs[which], read)
   finally:
     for m in mngrs.values():
       m.close()

@@ -13,14 +13,18 @@ with one line naming it and why, and the next older one is read instead.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
+import shutil
+import sys
+import time
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 
-from hw8jax import runtime
+from hw8jax import atomic, runtime
 from hw8jax.errors import UserError
 
 
@@ -64,11 +68,18 @@ def managers(workdir: str, keep: int) -> dict[str, ocp.CheckpointManager]:
   root = os.path.join(os.path.abspath(workdir), "checkpoints")
 
   def manager(which: str, keep: int) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(
-        os.path.join(root, which), options=ocp.CheckpointManagerOptions(max_to_keep=keep),
-        item_handlers={"state": ocp.PyTreeCheckpointHandler(use_ocdbt=False,
-                                                            use_compression=False),
-                       "data": grain.checkpoint.CheckpointHandler()})
+    for attempt in range(10):
+      try:
+        return ocp.CheckpointManager(
+            os.path.join(root, which), options=ocp.CheckpointManagerOptions(max_to_keep=keep),
+            item_handlers={"state": ocp.PyTreeCheckpointHandler(use_ocdbt=False,
+                                                                use_compression=False),
+                           "data": grain.checkpoint.CheckpointHandler(),
+                           "config": ocp.JsonCheckpointHandler()})
+      except FileNotFoundError:  # a step the run writing the workdir deleted as it was listed
+        if attempt == 9:
+          raise
+        time.sleep(0.1)
 
   return {"latest": manager("latest", keep), "best": manager("best", 1)}
 
@@ -78,16 +89,74 @@ def model_part(state: dict) -> dict:
   return {k: state[k] for k in ("params", "batch_stats", "step")}
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state, iterator=None) -> None:
+def save(mngr: ocp.CheckpointManager, step: int, state, trained_with: dict,
+         iterator=None) -> None:
   """Save `state` (and the iterator) as `step`. A step already there was written by a run that
   was killed after it (a best checkpoint newer than the latest one the run resumed from); the
-  resumed run recomputes it bit-identically, so it is replaced."""
+  resumed run recomputes it bit-identically, so it is replaced. `trained_with` (the config keys
+  that define the model and its trajectory) is saved with it: a checkpoint says what made it.
+
+  The disk must hold the state before the save starts: a save that runs out of space midway
+  fails in orbax's writer threads, hundreds of lines of tracebacks later. Orbax waits for the
+  previous save before it starts a new one anyway, so the free space is counted after it."""
+  mngr.wait_until_finished()
+  need = int(1.05 * sum(x.nbytes for x in jax.tree.leaves(state))) + 2**20
+  free = atomic.free_bytes(mngr.directory)
+  if free < need:
+    raise UserError(f"{mngr.directory}: no space left for checkpoint {step} ({atomic.size(need)} "
+                    f"needed, {atomic.size(free)} free); the checkpoints already saved are "
+                    "kept: free some space and run the same command to resume")
   if step in mngr.all_steps():
     mngr.delete(step)
-  items = {"state": ocp.args.PyTreeSave(state)}
+  items = {"state": ocp.args.PyTreeSave(state), "config": ocp.args.JsonSave(trained_with)}
   if iterator is not None:
     items["data"] = grain.checkpoint.CheckpointSave(iterator)
   mngr.save(step, args=ocp.args.Composite(**items), force=True)
+
+
+def remove_unfinished(workdir: str) -> None:
+  """Remove the temporary folders of saves that did not finish (orbax renames a save's folder
+  to its step only when it is complete): after a failed run, none is left behind."""
+  root = os.path.join(os.path.abspath(workdir), "checkpoints")
+  for which in ("latest", "best"):
+    folder = os.path.join(root, which)
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+      if ".orbax-checkpoint-tmp" in name:
+        shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+
+
+def saved_config(mngr: ocp.CheckpointManager, step: int) -> dict | None:
+  """What trained the checkpoint `step` (the keys `save` was given); None for a checkpoint
+  written before checkpoints carried it."""
+  if not os.path.isdir(os.path.join(str(mngr.directory), str(step), "config")):
+    return None
+  return dict(mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
+
+
+def trained_with(workdir: str, keep: int = 1) -> dict | None:
+  """What trained the newest checkpoint of `workdir` that says so (latest, else best)."""
+  mngrs = managers(workdir, keep)
+  try:
+    for which in ("latest", "best"):
+      for step in sorted(mngrs[which].all_steps(), reverse=True):
+        try:
+          found = saved_config(mngrs[which], step)
+        except Exception:  # a damaged checkpoint: the next older one may say
+          continue
+        if found is not None:
+          return found
+    return None
+  finally:
+    for m in mngrs.values():
+      m.close()
+
+
+def check_model(mngr: ocp.CheckpointManager, step: int, model: str) -> None:
+  """Refuse, before any tensor is read, a checkpoint of another model."""
+  found = saved_config(mngr, step)
+  if found is not None and found.get("model") != model:
+    raise UserError(f"{mngr.directory}/{step}: a checkpoint of {found.get('model')!r}, not of "
+                    f"{model!r}; use --config.model={found.get('model')} or another --workdir")
 
 
 def restore_iterator(mngr: ocp.CheckpointManager, iterator, step: int) -> None:
@@ -132,18 +201,46 @@ def _reason(e: Exception) -> str:
   return f"{type(e).__name__}: {text[:200]}"
 
 
-def newest_intact(mngr: ocp.CheckpointManager, read, below: int | None = None):
+def _vanished(mngr: ocp.CheckpointManager, step: int) -> bool:
+  """Whether `step` went away while it was read: the run writing the workdir keeps only its
+  newest checkpoints and deletes older ones as it saves (a concurrent reader, not damage)."""
+  for _ in range(10):
+    if not os.path.isdir(os.path.join(str(mngr.directory), str(step))):
+      return True
+    time.sleep(0.1)
+  return False
+
+
+def newest_intact(mngr: ocp.CheckpointManager, read, below: int | None = None, tries: int = 3):
   """(step, read(step)) for the newest step (below `below`, if given) that reads, skipping
-  unreadable ones with a line each; None when the manager holds no step at all."""
+  unreadable ones with a line each and, silently, ones a run writing the workdir deleted
+  meanwhile; None when the manager holds no step at all."""
   steps = sorted((s for s in mngr.all_steps() if below is None or s < below), reverse=True)
   if not steps:
     return None
-  skipped = []
+  skipped, vanished = [], False
   for step in steps:
+    unraisable = []  # orbax's abandoned reads of a step deleted under them, reported at exit
+    hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
     try:
       return step, read(step)
+    except UserError:  # a refusal that names its reason (another model's checkpoint)
+      raise
     except Exception as e:  # orbax and tensorstore raise many kinds on damaged files
+      if _vanished(mngr, step):
+        vanished = True
+        gc.collect()  # orbax's abandoned reads report when collected: here, not at exit
+        unraisable.clear()
+        continue
       skipped.append(f"step {step} ({_reason(e)})")
       runtime.log(f"skipped checkpoint {mngr.directory}/{step}: cannot read it: {_reason(e)}")
-  raise UserError(f"{mngr.directory}: no readable checkpoint: {'; '.join(skipped)}; move the "
-                  "workdir aside to start over")
+    finally:
+      sys.unraisablehook = hook
+      for args in unraisable:
+        hook(args)
+  if vanished and tries > 1:  # newer steps were saved meanwhile: look again
+    mngr.reload()
+    return newest_intact(mngr, read, below, tries - 1)
+  raise UserError(f"{mngr.directory}: no readable checkpoint: {'; '.join(skipped)}; if no run "
+                  "is writing this workdir, its checkpoints are damaged: move it aside to "
+                  "start over")

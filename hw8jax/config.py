@@ -268,6 +268,12 @@ def validate(c: ml_collections.ConfigDict, mode: str = "train_and_score") -> Non
     raise ConfigError("\n".join(problems))
 
 
+def trajectory(c: ml_collections.ConfigDict) -> dict:
+  """The values of TRAJECTORY_KEYS: what a checkpoint of `c` was trained with."""
+  flat = flatten(c)
+  return {key: flat[key] for key in TRAJECTORY_KEYS}
+
+
 def best_by(c: ml_collections.ConfigDict) -> str:
   """What picks the best checkpoint, "auto" resolved."""
   if c.checkpoint.best_by != "auto":

@@ -5,6 +5,7 @@ in file order (the same scorer, keys and checkpoint)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import ml_collections
@@ -16,7 +17,7 @@ from hw8jax import data, runtime
 from hw8jax import workdir as workdir_lib
 from hw8jax.assemble import assemble
 from hw8jax.errors import UserError
-from hw8jax.score import score_images, scorer_for
+from hw8jax.score import autoencode, score_images, scorer_for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +32,10 @@ class Detector:
   def score(self, images) -> np.ndarray:
     """(N,) float32 anomaly scores of uint8 images (N, 64, 64, 3); image i's sampling noise is
     keyed by i, as in a scoring run over a file."""
-    return score_images(scorer_for(self.config, self.graphdef), self.state, _checked(images),
+    images = _checked(images)
+    if not len(images):
+      return np.zeros(0, np.float32)
+    return score_images(scorer_for(self.config, self.graphdef), self.state, images,
                         batch_size=self.config.score.batch_size,
                         key=runtime.run_keys(self.config.seed)["score"], mesh=self.mesh)
 
@@ -39,32 +43,30 @@ class Detector:
     """(N, 64, 64, 3) float32 deterministic reconstructions decode(encode(x)) in [-1, 1] of
     the transformed images (what the model is trained to reproduce)."""
     local = jax.tree.map(lambda a: a.addressable_data(0), self.state)
-    model = nnx.merge(self.graphdef, *local)
     transform = data.get_transform(self.config.data.transform)
+    reconstruct = autoencode(self.graphdef)
     x = _checked(images)
-    out = [np.asarray(_reconstruct(model, transform(x[i:i + 256])))
+    out = [np.asarray(reconstruct(local, transform(x[i:i + 256])))
            for i in range(0, len(x), 256)]
-    return np.concatenate(out)
-
-
-@nnx.jit
-def _reconstruct(model, x):
-  return model.decode(model.encode(x))
+    return np.concatenate(out) if out else np.zeros((0, 64, 64, 3), np.float32)
 
 
 def _checked(images) -> np.ndarray:
-  images = np.asarray(images)
-  if images.ndim == 3:
-    images = images[None]
-  if images.ndim != 4 or images.shape[1:] != (64, 64, 3) or images.dtype != np.uint8:
-    raise UserError(f"images: shape {images.shape} dtype {images.dtype}; expected uint8 "
+  """uint8 (N, 64, 64, 3) images; one (64, 64, 3) image counts as N = 1."""
+  given = np.asarray(images)
+  shaped = given[None] if given.shape == (64, 64, 3) else given
+  if shaped.ndim != 4 or shaped.shape[1:] != (64, 64, 3) or shaped.dtype != np.uint8:
+    raise UserError(f"images: shape {given.shape} dtype {given.dtype}; expected uint8 "
                     "(N, 64, 64, 3) pixels 0..255, as in testingset.npy")
-  return images
+  return shaped
 
 
 def load(workdir: str, which: str = "latest") -> Detector:
   """The `which` ("latest" or "best") checkpoint of `workdir`, with the config it was trained
   with, on every device of this process."""
+  if not isinstance(workdir, (str, os.PathLike)):
+    raise UserError(f"workdir={workdir!r}: give the path of a trained workdir")
+  workdir = os.fspath(workdir)
   if which not in ("latest", "best"):
     raise UserError(f"which={which!r}: use latest or best")
   recorded = workdir_lib.trained_config(workdir)

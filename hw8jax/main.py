@@ -4,6 +4,7 @@ data, then train and/or score."""
 from __future__ import annotations
 
 import contextlib
+import os
 
 import jax
 import ml_collections
@@ -11,11 +12,21 @@ import ml_collections
 from hw8jax import checkpoint, data, runtime, train
 from hw8jax import config as config_lib
 from hw8jax import workdir as workdir_lib
+from hw8jax.errors import UserError
 from hw8jax.score_run import score_run
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train_and_score"):
-  """Train and/or score as `mode` says; returns the eval record (or None without labels)."""
+  """Train and/or score as `mode` says; returns the eval record (or None without labels).
+  `config` may also be a plain dict of the same keys (`ConfigDict.to_dict()`)."""
+  if isinstance(config, dict):
+    config = ml_collections.ConfigDict(config)
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise UserError(f"config: a {type(config).__name__}; give a ConfigDict "
+                    "(hw8jax.get_config) or a dict of the same keys")
+  if not isinstance(workdir, (str, os.PathLike)) or not os.fspath(workdir):
+    raise UserError(f"workdir={workdir!r}: give the path of a folder for the run's outputs")
+  workdir = os.fspath(workdir)
   config_lib.validate(config, mode)  # every key, before anything is started, read or written
   runtime.use_compilation_cache(config.compilation_cache)
   workdir_lib.check_usable(workdir)

@@ -55,8 +55,11 @@ def write(sinks: dict | None, record: dict, group: str) -> None:
   """Append `record` to metrics.jsonl and its numbers to TensorBoard as `group/<key>`."""
   if sinks is None:
     return
-  with open(sinks["path"], "a") as f:
-    f.write(json.dumps(report.json_safe(record)) + "\n")
+  try:
+    with open(sinks["path"], "a") as f:
+      f.write(json.dumps(report.json_safe(record)) + "\n")
+  except OSError as e:
+    raise atomic.write_error(sinks["path"], e) from None
   for key, value in record.items():
     if key not in _NOT_PLOTTED and isinstance(value, (int, float)) and np.isfinite(value):
       sinks["writer"].add_scalar(f"{group}/{key}", value, record["step"])
@@ -73,18 +76,27 @@ def close(sinks: dict | None) -> None:
     sinks["writer"].close()
 
 
+def _record(line: bytes) -> dict | None:
+  """The record of one metrics.jsonl line, or None for a damaged one (cut short by a kill, torn
+  by the filesystem, not JSON)."""
+  try:
+    record = json.loads(line.decode("utf-8")) if line.endswith(b"\n") else None
+  except ValueError:  # bad bytes or bad JSON
+    return None
+  return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
+
+
 def _truncate(path: str, step: int) -> None:
   """Keep the lines of steps up to `step` (none when starting afresh: a run that saved nothing
-  describes no checkpoint), dropping a last line a kill cut short."""
+  describes no checkpoint); damaged lines are dropped, with one line saying so."""
   if not os.path.exists(path):
     return
-  keep = []
-  with open(path) as f:
-    for line in f:
-      try:
-        if step and line.endswith("\n") and json.loads(line).get("step", 0) <= step:
-          keep.append(line)
-      except ValueError:
-        pass
-  with atomic.replaced(path) as f:
+  with open(path, "rb") as f:
+    lines = f.readlines()
+  records = [(line, _record(line)) for line in lines]
+  damaged = sum(record is None for _, record in records)
+  if damaged:
+    runtime.log(f"{path}: dropped {damaged} damaged line(s) (cut short, bad bytes or not JSON)")
+  keep = [line for line, record in records if step and record and record["step"] <= step]
+  with atomic.replaced(path, "wb") as f:
     f.writelines(keep)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from hw8jax import checkpoint, data, figures, metrics, runtime, train_step
+from hw8jax import atomic, checkpoint, data, figures, metrics, runtime, train_step
 from hw8jax import config as config_lib
 from hw8jax import workdir as workdir_lib
 from hw8jax.assemble import assemble
@@ -43,7 +43,7 @@ def _kept(mngrs) -> str:
       "no checkpoint was written"
 
 
-def _save(mngrs, which: str, step: int, state, iterator=None) -> None:
+def _save(mngrs, which: str, step: int, state, config, iterator=None) -> None:
   """Save only a finite state: a checkpoint is what a run resumes and scores from, so one
   holding NaN would lose the run's work as surely as none. The parameters and statistics are
   checked (the optimiser's moments follow from the same gradients, and with Adam they would
@@ -51,7 +51,7 @@ def _save(mngrs, which: str, step: int, state, iterator=None) -> None:
   if not _all_finite((state["params"], state["batch_stats"])):
     raise UserError(f"training stopped: the parameters became non-finite by step {step}; "
                     f"{_kept(mngrs)}. Try a lower optimizer.learning_rate")
-  checkpoint.save(mngrs[which], step, state, iterator)
+  checkpoint.save(mngrs[which], step, state, config_lib.trajectory(config), iterator)
 
 
 def _check_loss(value: float, step: int, mngrs) -> None:
@@ -201,7 +201,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_images, test_im
         saved = done % config.checkpoint.every_steps == 0 or done == num_steps
         if saved or stop.get("signal"):
           _check_loss(float(state["epoch_loss_sum"]), done, mngrs)
-          _save(mngrs, "latest", done, state, iterator)
+          _save(mngrs, "latest", done, state, config, iterator)
         if done == num_steps and runtime.is_main_process():
           # While orbax writes the last checkpoint, mostly waiting on the disk: the end of an
           # fcn_boss demo run took 2.06 s with the figure drawn first, 1.80 s so (2 cores).
@@ -213,9 +213,27 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_images, test_im
     return state
   finally:
     metrics.close(sinks)
-    for m in mngrs.values():
+    _finish_saves(mngrs, workdir)
+
+
+def _finish_saves(mngrs, workdir: str) -> None:
+  """Wait for the saves in progress, close the managers and remove what an unfinished save left;
+  a save that failed in orbax's writer threads (a disk that filled up meanwhile) is one line."""
+  failed = None
+  for m in mngrs.values():
+    try:
       m.wait_until_finished()
-      m.close()
+    except Exception as e:  # orbax and tensorstore raise many kinds
+      failed = failed or (m.directory, e)
+    m.close()
+  if runtime.is_main_process():
+    checkpoint.remove_unfinished(workdir)
+  if failed is not None:
+    folder, e = failed
+    reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+    raise UserError(f"{folder}: a checkpoint could not be written ({reason}; "
+                    f"{atomic.size(atomic.free_bytes(folder))} free); the checkpoints already "
+                    "saved are kept: run the same command to resume") from None
 
 
 
@@ -233,7 +251,7 @@ def _end_epoch(state, done: int, spe: int, evaluator: EpochEvaluator, mngrs, sin
   state = dict(state, epoch_loss_sum=jax.device_put(np.float32(0), sharding))
   if quality > float(state["best"]):
     state = dict(state, best=jax.device_put(np.float32(quality), sharding))
-    _save(mngrs, "best", done, checkpoint.model_part(state))
+    _save(mngrs, "best", done, checkpoint.model_part(state), evaluator.config)
     record["best"] = True
   log(f"epoch {done // spe} done: mean loss {mean_loss:.6g}"
       + (f", validation score {record['val_score']:.6g}" if "val_score" in record else "")

@@ -23,7 +23,7 @@ import sys
 
 import ml_collections
 
-from hw8jax import checkpoint, report
+from hw8jax import atomic, checkpoint, report
 from hw8jax import config as config_lib
 from hw8jax.errors import UserError
 
@@ -73,8 +73,11 @@ def lock(workdir: str):
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
     holder = f"process {os.getpid()} on {socket.gethostname()} (started {stamp}: " \
         f"{' '.join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))})"
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, holder.encode(), 0)
+    try:
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, holder.encode(), 0)
+    except OSError as e:
+      raise atomic.write_error(path, e) from None
     yield
   finally:
     os.close(fd)  # releases the lock
@@ -116,7 +119,8 @@ def check_agrees(config, workdir: str, mode: str) -> None:
   """Stop, in one line, a run that would mix its config with the checkpoints already there."""
   if not (checkpoint.exists(workdir, "latest") or checkpoint.exists(workdir, "best")):
     return
-  recorded = trained_with(workdir)
+  # The workdir's records, else what the checkpoints themselves say (records deleted or damaged).
+  recorded = trained_with(workdir) or checkpoint.trained_with(workdir)
   if recorded is None:
     return
   keys = config_lib.MODEL_KEYS if mode == "score" else config_lib.TRAJECTORY_KEYS

@@ -9,11 +9,13 @@ anomalies. Images are upsampled to 64x64 (bilinear) and repeated over three chan
 from __future__ import annotations
 
 import os
+import shutil
 
 import numpy as np
 
 from hw8jax.data.io import TEST_FILE, TRAIN_FILE, write_npy_atomic
 from hw8jax.data.transforms import SIZE, resize_matrix
+from hw8jax.errors import UserError
 
 LABELS_FILE = "testing_labels.npy"
 DEMO_TRAIN_FACES = 70
@@ -29,13 +31,37 @@ def _to_rgb64(grey: np.ndarray) -> np.ndarray:
   return np.repeat(pixels[..., None], 3, axis=-1)
 
 
+FILES = (TRAIN_FILE, TEST_FILE, LABELS_FILE)
+
+
+def is_complete(directory) -> bool:
+  """Whether `directory` holds the three files of a set; one cut short by an older version,
+  which wrote them one by one into place, does not."""
+  return all(os.path.isfile(os.path.join(directory, name)) for name in FILES)
+
+
 def write_dataset(directory, train: np.ndarray, test: np.ndarray, labels: np.ndarray) -> str:
-  os.makedirs(directory, exist_ok=True)
-  write_npy_atomic(os.path.join(directory, TRAIN_FILE), train)
-  write_npy_atomic(os.path.join(directory, TEST_FILE), test)
-  labels_path = os.path.join(directory, LABELS_FILE)
-  write_npy_atomic(labels_path, labels.astype(np.int64))
-  return labels_path
+  """Write a set in the Kaggle layout so that it appears whole: built in a folder beside
+  `directory`, then renamed into place (or, where `directory` exists, its files moved in one by
+  one, the set counting as complete only with all three). Returns the labels file's path."""
+  directory = os.path.abspath(os.fspath(directory))
+  building = f"{directory}.tmp{os.getpid()}"
+  try:
+    os.makedirs(building)
+    for name, array in zip(FILES, (train, test, labels.astype(np.int64)), strict=True):
+      write_npy_atomic(os.path.join(building, name), array)
+    if not os.path.exists(directory):
+      os.rename(building, directory)
+    else:
+      for name in FILES:
+        os.replace(os.path.join(building, name), os.path.join(directory, name))
+      os.rmdir(building)
+  except OSError as e:
+    raise UserError(f"{directory}: cannot write the data set there ({e.strerror}); pass "
+                    "--config.data.dir=a folder this run can write") from None
+  finally:
+    shutil.rmtree(building, ignore_errors=True)
+  return os.path.join(directory, LABELS_FILE)
 
 
 def make_demo(directory) -> str:
