@@ -6,13 +6,15 @@
   record = hw8jax.run(cfg, "runs/x")             # what launch.py does; the eval record or None
   det = hw8jax.load("runs/x")                    # the trained model of a workdir
   scores = det.score(images_uint8)               # (N,) float32, as in submission.csv
+  labels = det.predict(images_uint8)             # (N,) 0/1, as in predictions.csv
+  det = hw8jax.fit(train_uint8, "fcn_boss:quick", "runs/y")  # train on arrays in memory
 
 Importing the package is cheap (config files import it at flag parsing); JAX loads with the
-first use of run or load.
+first use of run, load or fit.
 """
 
 __version__ = "0.1.0"
-__all__ = ["get_config", "load", "run"]
+__all__ = ["fit", "get_config", "load", "run"]
 
 
 def __getattr__(name):
@@ -22,6 +24,9 @@ def __getattr__(name):
   if name == "run":
     from hw8jax.main import run
     return run
+  if name == "fit":
+    from hw8jax.fit_arrays import fit
+    return fit
   if name == "load":
     from hw8jax.detector import load
     return load

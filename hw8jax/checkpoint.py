@@ -211,7 +211,8 @@ def _vanished(mngr: ocp.CheckpointManager, step: int) -> bool:
   return False
 
 
-def newest_intact(mngr: ocp.CheckpointManager, read, below: int | None = None, tries: int = 3):
+def newest_intact(mngr: ocp.CheckpointManager, read, below: int | None = None,
+                  tries: int = 30):
   """(step, read(step)) for the newest step (below `below`, if given) that reads, skipping
   unreadable ones with a line each and, silently, ones a run writing the workdir deleted
   meanwhile; None when the manager holds no step at all."""
@@ -241,6 +242,9 @@ def newest_intact(mngr: ocp.CheckpointManager, read, below: int | None = None, t
   if vanished and tries > 1:  # newer steps were saved meanwhile: look again
     mngr.reload()
     return newest_intact(mngr, read, below, tries - 1)
+  if not skipped:
+    raise UserError(f"{mngr.directory}: each checkpoint was replaced by a newer one while it "
+                    "was read (a run is saving here often); try again")
   raise UserError(f"{mngr.directory}: no readable checkpoint: {'; '.join(skipped)}; if no run "
                   "is writing this workdir, its checkpoints are damaged: move it aside to "
                   "start over")

@@ -78,7 +78,9 @@ def base_config(model: str) -> ml_collections.ConfigDict:
                                    # checkpoint; 0, as the originals, trains on all of them
 
   c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.every_steps = 100   # latest checkpoint cadence (and at the last step)
+  c.checkpoint.every_minutes = 10.0  # latest checkpoint cadence in minutes (0: off); always at
+                                   # the last step and at SIGTERM / Ctrl-C
+  c.checkpoint.every_steps = 0     # also every this many steps (0: off)
   c.checkpoint.keep = 2            # latest checkpoints kept; the best is kept apart
   c.checkpoint.restore = "latest"  # scoring: "latest" (the sample code's) or "best"
   c.checkpoint.best_by = "auto"    # what picks the best checkpoint: "val_score" (held-out
@@ -128,7 +130,6 @@ def apply_arg(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.C
     c.data.demo = True
     c.batch_size = 14            # 70 training faces: 5 steps an epoch
     c.num_epochs = 60
-    c.checkpoint.every_steps = 100
     c.checkpoint.keep = 1        # a smoke run: one fcn_boss checkpoint is 1.5 GB
     c.score.batch_size = 60
   else:
@@ -243,7 +244,9 @@ def validate(c: ml_collections.ConfigDict, mode: str = "train_and_score") -> Non
         "needs a validation split (data.val_fraction > 0)")
   check("checkpoint.best_by", c.checkpoint.best_by != "test_auc" or c.data.test_labels or
         c.data.demo, "needs test labels (data.test_labels)")
-  at_least("checkpoint.every_steps", 1)
+  at_least("checkpoint.every_steps", 0)
+  em = c.checkpoint.every_minutes
+  check("checkpoint.every_minutes", math.isfinite(em) and em >= 0, "must be a finite number >= 0")
   check("checkpoint.keep", c.checkpoint.keep >= 1,
         "must be at least 1 (the latest checkpoint is what a run resumes and scores from)")
   choice("checkpoint.restore", ("latest", "best"))

@@ -1,10 +1,14 @@
-"""A trained workdir as a detector in Python: `hw8jax.load(workdir)`, then `score(images)` and
-`reconstruct(images)`. Scores equal those of the workdir's submission.csv for the test images
-in file order (the same scorer, keys and checkpoint)."""
+"""A trained workdir as a detector in Python, in PyOD's terms: `hw8jax.load(workdir)` (or
+`hw8jax.fit`), then `score(images)` (alias `decision_function`), `threshold` and
+`predict(images)`, and `reconstruct(images)`. Scores equal those of the workdir's
+submission.csv for the test images in file order (the same scorer, keys and checkpoint), and
+predictions those of its predictions.csv."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 
 import jax
@@ -28,6 +32,7 @@ class Detector:
   graphdef: nnx.GraphDef
   state: tuple  # (params, batch_stats), replicated over `mesh`
   mesh: jax.sharding.Mesh
+  threshold: float | None = None  # threshold.json's, from the workdir's scoring run
 
   def score(self, images) -> np.ndarray:
     """(N,) float32 anomaly scores of uint8 images (N, 64, 64, 3); image i's sampling noise is
@@ -38,6 +43,16 @@ class Detector:
     return score_images(scorer_for(self.config, self.graphdef), self.state, images,
                         batch_size=self.config.score.batch_size,
                         key=runtime.run_keys(self.config.seed)["score"], mesh=self.mesh)
+
+  decision_function = score  # PyOD's name: higher is more anomalous
+
+  def predict(self, images) -> np.ndarray:
+    """(N,) int32: 1 where an image's score is above `threshold` (an anomaly), else 0; for the
+    test images, predictions.csv's `is_anomaly`."""
+    if self.threshold is None:
+      raise UserError("no threshold: the workdir has no threshold.json; score it first "
+                      "(--mode=score or hw8jax.run)")
+    return (self.score(images) > self.threshold).astype(np.int32)
 
   def reconstruct(self, images) -> np.ndarray:
     """(N, 64, 64, 3) float32 deterministic reconstructions decode(encode(x)) in [-1, 1] of
@@ -77,4 +92,21 @@ def load(workdir: str, which: str = "latest") -> Detector:
   runtime.use_compilation_cache(recorded.compilation_cache)
   mesh = runtime.make_mesh()
   model = assemble(recorded, "checkpoint", workdir=workdir, which=which, mesh=mesh)
-  return Detector(recorded, model.step, model.eval_def, model.state, mesh)
+  return Detector(recorded, model.step, model.eval_def, model.state, mesh,
+                  _threshold(os.path.join(workdir, "threshold.json")))
+
+
+def _threshold(path: str) -> float | None:
+  """threshold.json's threshold (None without the file), read as data."""
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path, encoding="utf-8") as f:
+      value = json.load(f)["threshold"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise UserError(f"{path}: not a threshold record ({type(e).__name__}); score the workdir "
+                    "again to rewrite it") from None
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    raise UserError(f"{path}: threshold {value!r} is not a finite number; score the workdir "
+                    "again to rewrite it")
+  return float(value)

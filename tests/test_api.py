@@ -56,6 +56,25 @@ for which in ("latest", "best"):
 recon = det.reconstruct(test[:3])
 assert recon.shape == (3, 64, 64, 3) and recon.dtype == np.float32
 assert np.abs(recon).max() <= 1.0
+
+# PyOD's way: fit on arrays in memory, then threshold and predict as the workdir's files say.
+import io, json, contextlib
+train = np.load(os.path.join(data_dir, "trainingset.npy"))
+recipe = dict(cfg.to_dict(), max_steps=2)
+fitted = os.path.join(os.path.dirname(workdir), "fitted")
+first = hw8jax.fit(train, recipe, fitted, test_images=test)
+assert first.step == 2 and first.threshold == json.load(open(os.path.join(
+    fitted, "threshold.json")))["threshold"]
+with open(os.path.join(fitted, "predictions.csv")) as f:
+  written = np.array([int(line.split(",")[2]) for line in list(f)[1:]])
+assert np.array_equal(first.predict(test), written)
+assert np.array_equal(written, (report.read_submission(os.path.join(
+    fitted, "submission.csv")).astype(np.float32) > first.threshold).astype(int))
+out = io.StringIO()
+with contextlib.redirect_stdout(out):  # a second fit resumes where the first stopped
+  second = hw8jax.fit(train, dict(recipe, max_steps=4, allow_changes="max_steps"), fitted,
+                      test_images=test)
+assert "resumed from step 2 of 4" in out.getvalue() and second.step == 4, out.getvalue()
 print("checked", checked, "auc", record["auc"], "best step", det.step)
 """
 

@@ -182,3 +182,33 @@ def test_bfloat16_compute_keeps_float32_state(synthetic_dir, tmp_path):
   dtypes = {np.asarray(x).dtype for x in jax.tree.leaves(
       (meta["params"], meta["batch_stats"], meta["opt_state"])) if np.asarray(x).ndim > 0}
   assert dtypes == {np.dtype(np.float32)}
+
+
+@pytest.mark.parametrize("every_minutes,latest_saves", [(0.0, 1), (1e-9, 8)])
+def test_checkpoints_are_written_as_often_as_their_cadence_says(synthetic_dir, tmp_path,
+                                                                monkeypatch, every_minutes,
+                                                                latest_saves):
+  """Step cadence off: with the time cadence off only the last step is saved; with a cadence
+  shorter than a step, every step. The best checkpoint (an improved epoch) is written only with
+  a latest one, never more often, and holds the best epoch's step."""
+  from hw8jax import checkpoint
+
+  saves, real = [], checkpoint.save
+
+  def counted(mngr, step, *args, **kwargs):
+    saves.append((os.path.basename(str(mngr.directory)), step))
+    return real(mngr, step, *args, **kwargs)
+
+  monkeypatch.setattr(checkpoint, "save", counted)
+  c = quick_config("tiny", synthetic_dir, labels="")  # best by the epoch's training loss
+  c.checkpoint.every_steps, c.checkpoint.every_minutes = 0, every_minutes
+  c.max_steps = 8  # two epochs of 4 steps
+  workdir = str(tmp_path / "w")
+  run(c, workdir, "train")
+  latest = [step for which, step in saves if which == "latest"]
+  best = [step for which, step in saves if which == "best"]
+  assert len(latest) == latest_saves and latest[-1] == 8
+  assert 1 <= len(best) <= len(latest) and all(step % 4 == 0 for step in best)  # epoch ends
+  on_disk = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints", "best"))
+             if d.isdigit()]
+  assert on_disk == [best[-1]]
