@@ -30,6 +30,21 @@ def size(n: float) -> str:
   return f"{n:.1f} GB"
 
 
+def check_folder(folder, flag: str) -> None:
+  """`folder` (given as `flag`) can be created or written in, checked without writing."""
+  folder = os.fspath(folder)
+  if os.path.exists(folder) and not os.path.isdir(folder):
+    raise UserError(f"{flag}={folder}: is a file, not a folder")
+  existing = os.path.abspath(folder)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise UserError(f"{flag}={folder}: cannot be created: {existing} is a file")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    what = "write in it" if existing == os.path.abspath(folder) else f"create it in {existing}"
+    raise UserError(f"{flag}={folder}: cannot {what} (permission denied)")
+
+
 def write_error(path, e: OSError) -> UserError:
   """One line for a write that failed; a full disk says how much is free."""
   path = os.fspath(path)

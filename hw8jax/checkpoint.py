@@ -221,17 +221,19 @@ def newest_intact(mngr: ocp.CheckpointManager, read, below: int | None = None,
     return None
   skipped, vanished = [], False
   for step in steps:
-    unraisable = []  # orbax's abandoned reads of a step deleted under them, reported at exit
+    # A failed read leaves orbax's reads of the other arrays abandoned; Python reports each when
+    # it is collected. hw8jax says what happened in one line, so they are collected here, unsaid.
+    unraisable = []
     hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
     try:
       return step, read(step)
     except UserError:  # a refusal that names its reason (another model's checkpoint)
       raise
     except Exception as e:  # orbax and tensorstore raise many kinds on damaged files
+      gc.collect()
+      unraisable.clear()
       if _vanished(mngr, step):
         vanished = True
-        gc.collect()  # orbax's abandoned reads report when collected: here, not at exit
-        unraisable.clear()
         continue
       skipped.append(f"step {step} ({_reason(e)})")
       runtime.log(f"skipped checkpoint {mngr.directory}/{step}: cannot read it: {_reason(e)}")

@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 
-from hw8jax import evaluate, report
+from hw8jax import atomic, evaluate, report
 from hw8jax.data import DataError, open_labels, write_npy_atomic
 from hw8jax.errors import UserError
 
@@ -69,17 +69,6 @@ def load_scores(workdirs: list[str]) -> list[np.ndarray]:
   return scores
 
 
-def _check_out(out: str) -> None:
-  """--out must be a folder that exists or can be made, found before anything is written."""
-  existing = os.path.abspath(out)
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
-  if not os.path.isdir(existing):
-    raise UserError(f"--out={out}: {existing} is a file, not a folder")
-  if not os.access(existing, os.W_OK | os.X_OK):
-    raise UserError(f"--out={out}: cannot write in {existing} (permission denied)")
-
-
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--workdirs", nargs="+", required=True)
@@ -91,7 +80,7 @@ def main(argv=None) -> int:
     # Every input is checked before anything is written.
     members = load_scores(args.workdirs)
     labels = open_labels(args.labels, len(members[0])) if args.labels else None
-    _check_out(args.out)
+    atomic.check_folder(args.out, "--out")
     scores = combine(members, args.method)
     os.makedirs(args.out, exist_ok=True)
     report.write_submission(os.path.join(args.out, "submission.csv"), scores)

@@ -9,7 +9,7 @@ import os
 import jax
 import ml_collections
 
-from hw8jax import checkpoint, data, runtime, train
+from hw8jax import atomic, checkpoint, data, runtime, train
 from hw8jax import config as config_lib
 from hw8jax import workdir as workdir_lib
 from hw8jax.errors import UserError
@@ -29,7 +29,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train_and_
   workdir = os.fspath(workdir)
   config_lib.validate(config, mode)  # every key, before anything is started, read or written
   runtime.use_compilation_cache(config.compilation_cache)
-  workdir_lib.check_usable(workdir)
+  atomic.check_folder(workdir, "--workdir")
   runtime.init_distributed(config)
   inputs = data.open_run_data(config, workdir)  # headers only (the demo set is written once)
   config_lib.check_run_facts(config, mode, num_devices=jax.device_count(),

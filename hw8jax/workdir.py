@@ -32,20 +32,6 @@ RUNS = "runs"
 LOCK = ".lock"
 
 
-def check_usable(workdir: str) -> None:
-  """A workdir this run can create or write in, checked without writing anything."""
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise UserError(f"--workdir={workdir}: is a file, not a folder")
-  existing = os.path.abspath(workdir)
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
-  if not os.path.isdir(existing):
-    raise UserError(f"--workdir={workdir}: cannot be created: {existing} is a file")
-  if not os.access(existing, os.W_OK | os.X_OK):
-    what = "write in it" if existing == os.path.abspath(workdir) else f"create it in {existing}"
-    raise UserError(f"--workdir={workdir}: cannot {what} (permission denied)")
-
-
 def _prepare(workdir: str) -> None:
   try:
     os.makedirs(workdir, exist_ok=True)
@@ -55,7 +41,7 @@ def _prepare(workdir: str) -> None:
 
 @contextlib.contextmanager
 def lock(workdir: str):
-  """Hold `workdir` (checked by `check_usable` first) for this run; another run holding it is
+  """Hold `workdir` (checked by `atomic.check_folder` first) for this run; another run holding it is
   one line naming its process."""
   _prepare(workdir)
   path = os.path.join(workdir, LOCK)

@@ -112,6 +112,14 @@ def built(variant: str, seed: int):
   return nnx.merge(model.train_def, *model.state)
 
 
+def latest_step(workdir) -> int | None:
+  """The newest step of a workdir's latest checkpoints (None: none)."""
+  import orbax.checkpoint as ocp
+
+  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints", "latest")) as m:
+    return m.latest_step()
+
+
 def quick_config(variant: str, data_dir: str, labels: str | None = None):
   """`configs/<any>.py:quick` for `variant` on `data_dir` (the synthetic set's labels by
   default; "" for none)."""

@@ -77,7 +77,7 @@ def test_ensemble_inputs_that_are_not_scores_are_one_line_each(tmp_path, capsys)
       "labels": (good, ["--labels", str(labels)], "3 labels for 4 test images"),
       "out is a file": (good, ["--out", str(tmp_path / "a_file")], "is a file, not a folder"),
       "out under a file": (good, ["--out", str(tmp_path / "a_file" / "x")],
-                           "is a file, not a folder"),
+                           "cannot be created: "),
   }
   for name, (member, extra, expected) in cases.items():
     out = tmp_path / f"out_{name.replace(' ', '_')}"

@@ -19,7 +19,7 @@ import pytest
 from hw8jax.data.demo import make_synthetic
 from hw8jax.main import run
 
-from conftest import launch, quick_config
+from conftest import latest_step, launch, quick_config
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +27,6 @@ def synthetic_dir(tmp_path_factory):
   d = tmp_path_factory.mktemp("synthetic")
   make_synthetic(d, num_train=64, num_test=20, seed=0)
   return str(d)
-
-
-def _latest_step(workdir):
-  m = ocp.CheckpointManager(os.path.join(workdir, "checkpoints", "latest"))
-  try:
-    return m.latest_step()
-  finally:
-    m.close()
 
 
 def test_rerun_on_a_finished_workdir_does_not_retrain(synthetic_dir, tmp_path, capsys):
@@ -131,14 +123,14 @@ def test_sigterm_then_sigkill_mid_epoch_then_resume_is_bit_identical(synthetic_d
   stopped_at = int(last.split()[5])
   assert last == (f"stopped by SIGTERM at step {stopped_at} of {KILL_RUN_STEPS}; a checkpoint "
                   f"of step {stopped_at} is saved; run the same command to resume"), out
-  assert _latest_step(killed) == stopped_at
+  assert latest_step(killed) == stopped_at
 
   p = _launch(killed, synthetic_dir)
   _wait_for_checkpoint(p, killed, 28)
   os.kill(p.pid, signal.SIGKILL)
   out = p.communicate()[0]
   assert f"resumed from step {stopped_at} of {KILL_RUN_STEPS}" in out
-  killed_at = _latest_step(killed)
+  killed_at = latest_step(killed)
   assert killed_at is not None and killed_at < KILL_RUN_STEPS and killed_at % 8 != 0, killed_at
 
   p = _launch(killed, synthetic_dir)

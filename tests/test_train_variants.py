@@ -6,14 +6,13 @@ import json
 import math
 import os
 
-import orbax.checkpoint as ocp
 import pytest
 
 from hw8jax import models
 from hw8jax.data.demo import make_synthetic
 from hw8jax.main import run
 
-from conftest import quick_config
+from conftest import latest_step, quick_config
 
 
 @pytest.fixture(scope="module")
@@ -21,14 +20,6 @@ def small_dir(tmp_path_factory):
   d = tmp_path_factory.mktemp("small")
   make_synthetic(d, num_train=16, num_test=8, seed=0)
   return str(d)
-
-
-def _latest_step(workdir):
-  m = ocp.CheckpointManager(os.path.join(workdir, "checkpoints", "latest"))
-  try:
-    return m.latest_step()
-  finally:
-    m.close()
 
 
 @pytest.mark.parametrize("variant", models.VARIANTS)
@@ -46,7 +37,7 @@ def test_quick_config_trains_every_variant(variant, small_dir, tmp_path):
   c.optimizer.name, c.optimizer.learning_rate = "sgd", 1e-5
   c.log_every_seconds = 0.0
   run(c, workdir, "train")
-  assert _latest_step(workdir) == 6
+  assert latest_step(workdir) == 6
   lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
   steps = [r["step"] for r in lines if "loss" in r]
   assert steps == list(range(1, 7)) and all(math.isfinite(r["loss"]) for r in lines
