@@ -223,21 +223,23 @@ def newest_intact(mngr: ocp.CheckpointManager, read, below: int | None = None,
   for step in steps:
     # A failed read leaves orbax's reads of the other arrays abandoned; Python reports each when
     # it is collected. hw8jax says what happened in one line, so they are collected here, unsaid.
-    unraisable = []
+    unraisable, failed = [], False
     hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
     try:
       return step, read(step)
     except UserError:  # a refusal that names its reason (another model's checkpoint)
       raise
     except Exception as e:  # orbax and tensorstore raise many kinds on damaged files
-      gc.collect()
-      unraisable.clear()
+      failed = True
       if _vanished(mngr, step):
         vanished = True
         continue
       skipped.append(f"step {step} ({_reason(e)})")
       runtime.log(f"skipped checkpoint {mngr.directory}/{step}: cannot read it: {_reason(e)}")
     finally:
+      if failed:  # the exception's frames are gone now: collect what they held, unsaid
+        gc.collect()
+        unraisable.clear()
       sys.unraisablehook = hook
       for args in unraisable:
         hook(args)
