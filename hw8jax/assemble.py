@@ -28,9 +28,6 @@ class Assembled:
     """(params, batch_stats): what the scorer and the figures take."""
     return self.params, self.batch_stats
 
-  def eval_model(self) -> nnx.Module:
-    return nnx.merge(self.eval_def, self.params, self.batch_stats)
-
 
 def assemble(config, weights: str = "init", *, key: jax.Array | None = None,
              workdir: str | None = None, which: str | None = None, mesh=None) -> Assembled:
