@@ -109,9 +109,13 @@ def test_eval_reconstruction_matches_torch(variant, seed):
   (recon_j, aux_j), det = nnx.jit(lambda m, x: (m(x), m.decode(m.encode(x))))(model,
                                                                              jnp.asarray(x))
   np.testing.assert_allclose(np.asarray(recon_j), nhwc(recon_t), atol=1e-5, rtol=0)
+  # An aux tensor to 1e-5 of its own scale: resnet_boss's z reaches |z| = 7.5 and float32
+  # rounding stays near 2e-6 of its largest value (measured over 13 seeds: 1.3e-6 to 2.0e-6; a
+  # fixed 1e-5 failed for seed 248397849, 1.08e-5 at |z| = 6.2).
   for key in aux_t:
-    np.testing.assert_allclose(np.asarray(aux_j[key]), nhwc(aux_t[key]), atol=1e-5, rtol=1e-5,
-                               err_msg=key)
+    want = nhwc(aux_t[key])
+    np.testing.assert_allclose(np.asarray(aux_j[key]), want, rtol=0, err_msg=key,
+                               atol=1e-5 * max(1.0, float(np.abs(want).max())))
   np.testing.assert_allclose(np.asarray(det), nhwc(recon_t), atol=1e-5, rtol=0)
 
 
