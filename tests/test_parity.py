@@ -93,8 +93,8 @@ def torch_noise_kwargs(torch, variant, aux_shape_source, key):
   return {"eps": nchw(torch, jax.random.normal(draw, aux_shape_source))}
 
 
-def noise_shape(variant):
-  return (BATCH, 256) if variant == "resnet_boss" else (BATCH, 8, 8, 48)
+def noise_shape(variant, batch=BATCH):
+  return (batch, 256) if variant == "resnet_boss" else (batch, 8, 8, 48)
 
 
 @pytest.mark.parametrize("variant", models.VARIANTS)
@@ -152,7 +152,7 @@ def test_train_step_matches_torch(variant, seed):
   check_train_step(variant, seed, np.float32, grad_rtol=GRAD_RTOL.get(variant, 1e-4))
 
 
-def check_train_step(variant, seed, dtype, grad_rtol, atol=None):
+def check_train_step(variant, seed, dtype, grad_rtol, atol=None, batch=BATCH):
   """One train-mode step on both sides. PyTorch runs first; of it only the gradients,
   statistics and outputs are kept once hw8jax has imported its (float32) weights. hw8jax's
   weights are donated to its gradient computation and tensors are compared one at a time.
@@ -164,10 +164,10 @@ def check_train_step(variant, seed, dtype, grad_rtol, atol=None):
   if dtype == np.float64:
     ref.double()
   ref.train()
-  x = images(np.random.default_rng(seed), BATCH).astype(dtype)
+  x = images(np.random.default_rng(seed), batch).astype(dtype)
   key = jax.random.key(seed)
   xt = nchw(torch, x)
-  noise = torch_noise_kwargs(torch, variant, noise_shape(variant), key)
+  noise = torch_noise_kwargs(torch, variant, noise_shape(variant, batch), key)
   buffers_before = {k: b.clone() for k, b in ref.named_buffers()}
   recon_t, aux_t = ref(xt, **noise)
   loss_t = torch_reference.loss(variant, xt, recon_t, aux_t)
