@@ -14,7 +14,7 @@ SWEEP = (-2.0, -1.0, 1.0, 2.0)  # latent_edits.png: steps of max|z| added to a l
 
 def _save_figure(fig, path: str) -> None:
   with atomic.replaced(path, "wb") as f:
-    fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
+    fig.savefig(f, format="png", dpi=100, bbox_inches="tight", pil_kwargs={"compress_level": 1})
 
 
 def _to_display(x: np.ndarray) -> np.ndarray:
