@@ -6,6 +6,7 @@ their model from `assemble`, so each follows the config's `cpu_fast_paths` alike
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 from flax import nnx
@@ -69,20 +70,30 @@ def _split(model: nnx.Module, config, step: int, source: str) -> Assembled:
 
 
 def _drawn(variant: str, key: jax.Array) -> nnx.Module:
-  """A fresh model, its weights drawn by one compiled program. Op by op, initialisation ran
-  dozens of small programs, each compiled on first use (fcn_boss 3.9 s, multi_encoder 16 s,
-  resnet_boss 13 s on 2 cores). Compiled at LLVM optimisation level 1: 1.7 s, 5.4 s and 4.2 s
-  (level 2: 2.1 s, 12.6 s, 10 s). The draws equal the op-by-op ones bit for bit, except that
-  resnet_boss's normal draws may differ in the last bit (at any level)."""
-  graphdefs = []  # the graphdef is static: kept from the one trace (fcn_boss: 0.14 s a trace)
+  """A fresh model, its weights drawn by one compiled program (`_draw_program`)."""
+  program, graphdefs = _draw_program(models.variant(variant).build)
+  state = program(key)  # traces on first use, which sets graphdefs
+  return nnx.merge(graphdefs[0], state)
+
+
+@functools.cache
+def _draw_program(build) -> tuple:
+  """(jitted draw(key) -> state, [graphdef]) for a variant's builder, kept for the process:
+  a second model of the same variant (a notebook's next `fit`, a test's next run) reuses the
+  trace and the compiled program (multi_encoder: 1.6 s of tracing and 1.5 s of lowering each
+  time otherwise). Op by op, initialisation ran dozens of small programs, each compiled on
+  first use (fcn_boss 3.9 s, multi_encoder 16 s, resnet_boss 13 s on 2 cores). Compiled at
+  LLVM optimisation level 1: 1.7 s, 5.4 s and 4.2 s (level 2: 2.1 s, 12.6 s, 10 s). The draws
+  equal the op-by-op ones bit for bit, except that resnet_boss's normal draws may differ in the
+  last bit (at any level)."""
+  graphdefs = []  # the graphdef is static: kept from the trace (fcn_boss: 0.14 s a trace)
 
   def draw(key):
-    graphdef, state = nnx.split(models.build(variant, rngs=nnx.Rngs(params=key)))
-    graphdefs.append(graphdef)
+    graphdef, state = nnx.split(build(rngs=nnx.Rngs(params=key)))
+    graphdefs[:] = [graphdef]
     return state
 
-  state = jax.jit(draw, compiler_options={"xla_backend_optimization_level": 1})(key)
-  return nnx.merge(graphdefs[0], state)
+  return jax.jit(draw, compiler_options={"xla_backend_optimization_level": 1}), graphdefs
 
 
 def _restored(config, workdir: str, which: str, mesh) -> Assembled:
