@@ -81,12 +81,16 @@ def _restore_params(workdir):
   return step, restored["state"]
 
 
+def _flags(workdir, data_dir) -> list:
+  return [f"--workdir={workdir}", "--mode=train", f"--config.data.dir={data_dir}",
+          "--config.batch_size=8", f"--config.max_steps={KILL_RUN_STEPS}",
+          "--config.checkpoint.every_steps=7", "--config.seed=7"]
+
+
 def _launch(workdir, data_dir):
-  # The session's compilation cache (conftest): the second and third launches load the first
-  # one's programs instead of compiling them (the same programs, so the same results).
-  return launch(f"--workdir={workdir}", "--mode=train", f"--config.data.dir={data_dir}",
-                "--config.batch_size=8", f"--config.max_steps={KILL_RUN_STEPS}",
-                "--config.checkpoint.every_steps=7", "--config.seed=7")
+  # The session's compilation cache (conftest): later launches load the programs an earlier one
+  # (or this process) compiled instead of compiling them (the same programs, the same results).
+  return launch(*_flags(workdir, data_dir))
 
 
 # 8 steps an epoch and a checkpoint every 7 steps: every checkpoint before the last is mid-epoch.
@@ -104,15 +108,16 @@ def _wait_for_checkpoint(p, workdir, at_least):
   assert p.poll() is None, "finished before it could be stopped:\n" + p.communicate()[0]
 
 
-def test_sigterm_then_sigkill_mid_epoch_then_resume_is_bit_identical(synthetic_dir, tmp_path):
+def test_sigterm_then_sigkill_mid_epoch_then_resume_is_bit_identical(synthetic_dir, tmp_path,
+                                                                     launch_here):
   """The tiny variant (BatchNorm, PReLU, VAE noise; 8 steps an epoch), launched through
   launch.py: stopped by SIGTERM once training is under way (it saves the step it is at and
   exits 143 with one line), resumed there, then killed by SIGKILL after its step-28 or later
-  checkpoint, mid-epoch, and restarted: it ends bit-identical to an uninterrupted run."""
+  checkpoint, mid-epoch, and restarted: it ends bit-identical to an uninterrupted run (the same
+  command, run in this process: one JAX start-up fewer)."""
   whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
-  p = _launch(whole, synthetic_dir)
-  out = p.communicate(timeout=600)[0]
-  assert p.returncode == 0, out
+  done = launch_here(*_flags(whole, synthetic_dir))
+  assert done.returncode == 0, done.stderr
 
   p = _launch(killed, synthetic_dir)
   _wait_for_checkpoint(p, killed, 7)
