@@ -166,21 +166,22 @@ def test_cli_missing_data_says_where_to_put_it(tmp_path):
   assert "kaggle competitions download -c ml2022spring-hw8" in lines[0]
 
 
-def test_cli_bad_file_is_one_line_naming_it(tmp_path):
+def test_cli_bad_file_is_one_line_naming_it(tmp_path, launch_here):
+  """launch.py in this process (the test above runs it as a process of its own)."""
   d = tmp_path / "data"
   d.mkdir()
   np.save(d / data.TRAIN_FILE, np.zeros((4, 64, 64, 3), np.float32))
   np.save(d / data.TEST_FILE, np.zeros((4, 64, 64, 3), np.uint8))
-  r = cli(f"--workdir={tmp_path / 'w'}", f"--config.data.dir={d}", config="ta_cnn.py:quick",
-          tiny=False)
+  r = launch_here(f"--workdir={tmp_path / 'w'}", f"--config.data.dir={d}",
+                  config="ta_cnn.py:quick", tiny=False)
   assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
   assert r.stderr.strip() == (f"error: {d / data.TRAIN_FILE}: dtype float32, expected uint8 "
                               "pixels 0..255 (convert with np.clip(a, 0, 255).astype(np.uint8))")
   labels = d / "labels.npy"
   np.save(labels, np.zeros(3, np.int64))
   np.save(d / data.TRAIN_FILE, np.zeros((4, 64, 64, 3), np.uint8))
-  r = cli(f"--workdir={tmp_path / 'w'}", f"--config.data.dir={d}",
-          f"--config.data.test_labels={labels}", config="ta_cnn.py:quick", tiny=False)
+  r = launch_here(f"--workdir={tmp_path / 'w'}", f"--config.data.dir={d}",
+                  f"--config.data.test_labels={labels}", config="ta_cnn.py:quick", tiny=False)
   assert r.returncode == 1
   assert r.stderr.strip() == f"error: {labels}: 3 labels for 4 test images"
 
