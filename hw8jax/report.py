@@ -13,6 +13,7 @@ import numpy as np
 from hw8jax import atomic
 
 LABEL_OUTPUTS = ("eval.json", "roc.png")
+SCORING_FIGURES = ("roc.png", "reconstructions.png", "latent_edits.png")
 
 
 def write_submission(path: str, scores: np.ndarray) -> None:
@@ -49,11 +50,11 @@ def print_evaluation(record: dict) -> None:
     print(f"ROC AUC {record['auc']:.4f}  AUPR {record['aupr']:.4f}  {counts}", flush=True)
 
 
-def remove_label_outputs(workdir: str, keep=()) -> None:
-  """Remove label-based outputs of an earlier scoring run that no longer describe this one."""
-  for name in LABEL_OUTPUTS:
+def remove_outputs(workdir: str, names) -> None:
+  """Remove outputs of an earlier run that no longer describe this one."""
+  for name in names:
     path = os.path.join(workdir, name)
-    if name not in keep and os.path.exists(path):
+    if os.path.exists(path):
       os.remove(path)
 
 

@@ -60,9 +60,12 @@ def score_run(config, workdir: str, inputs) -> dict | None:
   print(f"wrote {csv_path} ({len(scores)} rows) from {model.source}; predictions.csv: "
         f"{int(np.sum(scores > threshold['threshold']))} above the threshold "
         f"{threshold['threshold']:.6g} ({threshold['from']})", flush=True)
-  _model_figures(workdir, config, model, inputs, scores)
+  if config.figures:
+    _model_figures(workdir, config, model, inputs, scores)
+  else:  # a previous run's, which no longer describe this one
+    report.remove_outputs(workdir, report.SCORING_FIGURES)
   if inputs.labels is None:
-    report.remove_label_outputs(workdir)  # a previous run's, which no longer describe this one
+    report.remove_outputs(workdir, report.LABEL_OUTPUTS)
     return None
   record = {**evaluate.evaluate(inputs.labels, scores, threshold["threshold"]),
             "checkpoint": config.checkpoint.restore, "step": model.step, "model": config.model,
@@ -73,11 +76,11 @@ def score_run(config, workdir: str, inputs) -> dict | None:
       record["best_chosen_on_test_set"] = True  # this AUC is biased upward
   report.write_json(os.path.join(workdir, "eval.json"), record)
   report.print_evaluation(record)
-  if record["auc"] is not None:
+  if record["auc"] is not None and config.figures:
     figures.plot_roc_and_histogram(os.path.join(workdir, "roc.png"), inputs.labels, scores,
                                    record["auc"])
   else:
-    report.remove_label_outputs(workdir, keep=("eval.json",))
+    report.remove_outputs(workdir, ["roc.png"])
   return record
 
 

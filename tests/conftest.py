@@ -127,10 +127,12 @@ def latest_step(workdir) -> int | None:
 
 def quick_config(variant: str, data_dir: str, labels: str | None = None):
   """`configs/<any>.py:quick` for `variant` on `data_dir` (the synthetic set's labels by
-  default; "" for none)."""
+  default; "" for none), without figures (about 0.3 s each; the tests that look at them turn
+  them on)."""
   from hw8jax import config as config_lib
 
   c = config_lib.apply_arg(config_lib.base_config(variant), "quick")
+  c.figures = False
   c.data.dir = data_dir
   c.data.test_labels = os.path.join(data_dir, "testing_labels.npy") if labels is None else labels
   return c

@@ -26,8 +26,10 @@ from hw8jax.data.demo import make_synthetic
 
 from conftest import launch_command, quick_config, tensorboard_scalars
 
+# Without figures (about 0.3 s each), except where a test looks at them.
 QUICK = ["--config.max_steps=10", "--config.checkpoint.every_steps=5",
-         "--config.log_every_seconds=0"]
+         "--config.log_every_seconds=0", "--config.figures=false"]
+FIGURES = "--config.figures=true"
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +154,7 @@ def _train(launch_here, workdir, data_dir, *flags, mode="train"):
 def test_resuming_or_scoring_with_another_config_stops_and_names_each_key(data_dir, tmp_path,
                                                                           launch_here):
   workdir = tmp_path / "w"
-  first = _train(launch_here, workdir, data_dir)
+  first = _train(launch_here, workdir, data_dir, FIGURES)
   assert first.returncode == 0, first.stderr
   # Progress lines say how long the run has taken and how long it has left.
   progress = [line for line in first.stdout.splitlines() if line.startswith("epoch ") and
@@ -350,18 +352,19 @@ def test_ctrl_c_saves_the_step_it_is_at_and_the_rerun_resumes_there(data_dir, tm
 def test_scoring_outputs_are_atomic_fresh_and_independent_of_batching(data_dir, tmp_path,
                                                                       launch_here):
   """Each output replaced by a rename (a new inode: never half-written in place); a rescoring
-  without labels removes the eval.json and roc.png that no longer describe it; the sampled
-  scores of the VAE do not change with the scoring batch."""
+  without labels removes the eval.json and roc.png that no longer describe it, one without
+  figures (`figures=False`) the figures; the sampled scores of the VAE do not change with the
+  scoring batch."""
   workdir = tmp_path / "w"
   labels = f"--config.data.test_labels={os.path.join(data_dir, 'testing_labels.npy')}"
-  first_run = _train(launch_here, workdir, data_dir, labels, mode="train_and_score")
+  first_run = _train(launch_here, workdir, data_dir, labels, FIGURES, mode="train_and_score")
   assert first_run.returncode == 0, first_run.stderr
   outputs = ["submission.csv", "scores.npy", "eval.json", "roc.png", "reconstructions.png",
              "latent_edits.png", "predictions.csv", "threshold.json"]
   inodes = {name: os.stat(workdir / name).st_ino for name in outputs}
   first = report.read_submission(str(workdir / "submission.csv"))
   _check_predictions(workdir, data_dir, first)
-  again = _train(launch_here, workdir, data_dir, labels, "--config.score.batch_size=5",
+  again = _train(launch_here, workdir, data_dir, labels, "--config.score.batch_size=5", FIGURES,
                  mode="score")
   assert again.returncode == 0, again.stderr
   for name in outputs:
@@ -374,6 +377,17 @@ def test_scoring_outputs_are_atomic_fresh_and_independent_of_batching(data_dir, 
   assert not (workdir / "eval.json").exists() and not (workdir / "roc.png").exists()
   assert (workdir / "submission.csv").exists()
   assert not [n for n in os.listdir(workdir) if ".tmp" in n]
+  # Without figures, a rescoring removes the earlier run's, and so does training to its end.
+  assert _train(launch_here, workdir, data_dir, "--config.figures=false",
+                mode="score").returncode == 0
+  assert not [n for n in os.listdir(workdir) if n.endswith(".png") and n !=
+              "training_curves.png"], os.listdir(workdir)
+  np.testing.assert_allclose(report.read_submission(str(workdir / "submission.csv")), first,
+                             rtol=1e-6)
+  longer = _train(launch_here, workdir, data_dir, "--config.figures=false",
+                  "--config.max_steps=12", "--config.allow_changes=max_steps")
+  assert longer.returncode == 0 and "resumed from step 10 of 12" in longer.stdout, longer.stderr
+  assert not [n for n in os.listdir(workdir) if n.endswith(".png")], os.listdir(workdir)
 
 
 def _check_predictions(workdir, data_dir, scores):

@@ -96,6 +96,7 @@ def trained(tmp_path_factory):
   c.batch_size, c.max_steps = 8, 12  # 4 steps an epoch: three epoch ends and best checkpoints
   c.data.transform = "crop"
   c.score.batch_size = 8  # 21 test images: the last batch is padded
+  c.figures = True
   workdir = str(d / "work")
   import contextlib
   import io
