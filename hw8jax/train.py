@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from hw8jax import atomic, checkpoint, data, figures, metrics, runtime, train_step
+from hw8jax import atomic, checkpoint, data, figures, metrics, report, runtime, train_step
 from hw8jax import config as config_lib
 from hw8jax import workdir as workdir_lib
 from hw8jax.assemble import assemble
@@ -212,11 +212,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_images, test_im
         if done == num_steps and runtime.is_main_process():
           # While orbax writes the last checkpoint, mostly waiting on the disk: the end of an
           # fcn_boss demo run took 2.06 s with the figure drawn first, 1.80 s so (2 cores).
-          curves = os.path.join(workdir, "training_curves.png")
           if config.figures:
-            figures.plot_training_curves(os.path.join(workdir, metrics.METRICS_FILE), curves)
-          elif os.path.exists(curves):  # an earlier run's: it no longer describes this one
-            os.remove(curves)
+            figures.plot_training_curves(os.path.join(workdir, metrics.METRICS_FILE),
+                                         os.path.join(workdir, "training_curves.png"))
+          else:  # an earlier run's: it no longer describes this one
+            report.remove_outputs(workdir, ["training_curves.png"])
         if stop.get("signal") and done < num_steps:
           mngrs["latest"].wait_until_finished()
           raise Interrupted(stop["signal"], done, num_steps)

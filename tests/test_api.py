@@ -60,7 +60,7 @@ assert np.abs(recon).max() <= 1.0
 # PyOD's way: fit on arrays in memory, then threshold and predict as the workdir's files say.
 import io, json, contextlib
 train = np.load(os.path.join(data_dir, "trainingset.npy"))
-recipe = dict(cfg.to_dict(), max_steps=2)
+recipe = dict(cfg.to_dict(), max_steps=2, figures=False)
 fitted = os.path.join(os.path.dirname(workdir), "fitted")
 first = hw8jax.fit(train, recipe, fitted, test_images=test)
 assert first.step == 2 and first.threshold == json.load(open(os.path.join(

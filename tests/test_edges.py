@@ -21,7 +21,7 @@ from hw8jax.errors import UserError
 
 # A tiny run (tests/tiny.py): 4 steps of batch 8, a latest checkpoint every 2 steps.
 TINY = ["--config.batch_size=8", "--config.max_steps=4", "--config.checkpoint.every_steps=2",
-        "--config.log_every_seconds=0", "--config.score.batch_size=8"]
+        "--config.log_every_seconds=0", "--config.score.batch_size=8", "--config.figures=false"]
 
 # --- ensembles
 
@@ -137,7 +137,7 @@ def trained(data_dir, tmp_path_factory):
   cfg = hw8jax.get_config("ta_vae", "quick")
   cfg.model, cfg.data.dir = "tiny", data_dir
   cfg.batch_size, cfg.max_steps, cfg.checkpoint.every_steps = 8, 4, 2  # TINY's values
-  cfg.log_every_seconds, cfg.score.batch_size = 0.0, 8
+  cfg.log_every_seconds, cfg.score.batch_size, cfg.figures = 0.0, 8, False
   workdir = str(tmp_path_factory.mktemp("trained") / "w")
   hw8jax.run(cfg, workdir)
   return workdir
@@ -351,7 +351,7 @@ def test_loading_a_workdir_while_it_trains(data_dir, tmp_path):
   run = launch(f"--workdir={workdir}", "--mode=train", f"--config.data.dir={data_dir}",
                "--config.batch_size=8", "--config.max_steps=12",
                "--config.checkpoint.every_steps=1", "--config.checkpoint.keep=1",
-               "--config.log_every_seconds=0")
+               "--config.log_every_seconds=0", "--config.figures=false")
   loaded, waited = [], 0
   try:
     while run.poll() is None:

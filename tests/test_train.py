@@ -84,7 +84,7 @@ def _restore_params(workdir):
 def _flags(workdir, data_dir) -> list:
   return [f"--workdir={workdir}", "--mode=train", f"--config.data.dir={data_dir}",
           "--config.batch_size=8", f"--config.max_steps={KILL_RUN_STEPS}",
-          "--config.checkpoint.every_steps=7", "--config.seed=7"]
+          "--config.checkpoint.every_steps=7", "--config.seed=7", "--config.figures=false"]
 
 
 def _launch(workdir, data_dir):
