@@ -270,6 +270,70 @@ def test_a_full_disk_while_training_is_one_line_and_a_rerun_ends_as_an_uninterru
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+  """A real 16 MiB filesystem (tmpfs) that can be filled; needs `mount` and the right to use
+  it (root). Where the machine refuses, the tests above, which inject ENOSPC at each writer,
+  stand for it."""
+  where = tmp_path / "disk"
+  where.mkdir()
+  mounted = shutil.which("mount") and subprocess.run(
+      ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(where)],
+      capture_output=True).returncode == 0
+  if not mounted:
+    pytest.skip("cannot mount a tmpfs here; the injected-ENOSPC tests cover a full disk")
+  yield where
+  subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def _fill(disk, leave: int = 0) -> str:
+  """Fill `disk` with one file until it is full, then free `leave` bytes of it."""
+  filler = os.path.join(disk, "filler")
+  with open(filler, "wb", buffering=0) as f:
+    for chunk in (2**20, 2**12):
+      try:
+        while f.write(b"\0" * chunk):
+          pass
+      except OSError as e:
+        assert e.errno == errno.ENOSPC, e
+  os.truncate(filler, max(os.path.getsize(filler) - leave, 0))
+  return filler
+
+
+@pytest.mark.parametrize("where", ["start", "checkpoint", "scoring"])
+def test_a_real_full_disk_is_one_line_and_a_rerun_ends_as_the_uninterrupted_run(
+    where, small_disk, trained, data_dir, launch_here):
+  """The cases above on a filesystem that is really full: a run's start (no byte free: its
+  lock file's first write), a checkpoint (256 KiB free: the run starts, its first checkpoint
+  does not fit) and scoring (no byte free, an earlier submission there: its run record's
+  write): one line, no temporary file, what was saved unchanged; with space again the same
+  command ends as the uninterrupted run did."""
+  workdir = str(small_disk / "w")
+  mode = "score" if where == "scoring" else "train"
+  if where == "scoring":
+    shutil.copytree(trained, workdir)
+  before = open(os.path.join(trained, "submission.csv")).read()
+  filler = _fill(small_disk, leave=256 * 1024 if where == "checkpoint" else 0)
+  flags = [f"--workdir={workdir}", f"--mode={mode}", f"--config.data.dir={data_dir}", *TINY]
+  _one_line(launch_here(*flags), "no space left for checkpoint 2 (" if where == "checkpoint"
+            else "no space left on the device (0 bytes free)")
+  assert not _temporaries(small_disk)
+  assert not glob.glob(os.path.join(workdir, "checkpoints", "*", "*orbax-checkpoint-tmp*"))
+  if where == "scoring":
+    assert open(os.path.join(workdir, "submission.csv")).read() == before
+  os.remove(filler)
+  assert launch_here(*flags).returncode == 0
+  if where == "scoring":
+    assert open(os.path.join(workdir, "submission.csv")).read() == before
+    return
+  (step, got), (want_step, want) = _params(workdir), _params(trained)
+  assert step == want_step == 4
+  import jax
+
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 # --- a damaged workdir
 
 
