@@ -415,7 +415,7 @@ def test_loading_a_workdir_while_it_trains(data_dir, tmp_path):
   run = launch(f"--workdir={workdir}", "--mode=train", f"--config.data.dir={data_dir}",
                "--config.batch_size=8", "--config.max_steps=12",
                "--config.checkpoint.every_steps=1", "--config.checkpoint.keep=1",
-               "--config.log_every_seconds=0", "--config.figures=false")
+               "--config.log_every_seconds=0")
   loaded, waited = [], 0
   try:
     while run.poll() is None:
