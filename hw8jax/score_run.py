@@ -76,11 +76,11 @@ def score_run(config, workdir: str, inputs) -> dict | None:
       record["best_chosen_on_test_set"] = True  # this AUC is biased upward
   report.write_json(os.path.join(workdir, "eval.json"), record)
   report.print_evaluation(record)
-  if record["auc"] is not None and config.figures:
+  if record["auc"] is None:  # one class: no ROC curve (without figures it is gone already)
+    report.remove_outputs(workdir, ["roc.png"])
+  elif config.figures:
     figures.plot_roc_and_histogram(os.path.join(workdir, "roc.png"), inputs.labels, scores,
                                    record["auc"])
-  else:
-    report.remove_outputs(workdir, ["roc.png"])
   return record
 
 
