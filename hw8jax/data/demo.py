@@ -32,28 +32,74 @@ def _to_rgb64(grey: np.ndarray) -> np.ndarray:
 
 
 FILES = (TRAIN_FILE, TEST_FILE, LABELS_FILE)
+# Written first into every set this module builds: only a folder that holds it (or an empty
+# one) is ever written into, so a data.dir holding a user's own files is never replaced.
+MARKER = ".hw8jax-built-set"
+
+
+def _entries(directory) -> list[str] | None:
+  """The names in `directory` (None where it does not exist)."""
+  try:
+    return os.listdir(directory)
+  except FileNotFoundError:
+    return None
+  except NotADirectoryError:
+    raise UserError(f"{directory}: a file, not a folder; pass --config.data.dir=a folder for "
+                    "the demo set") from None
+  except OSError as e:
+    raise UserError(f"{directory}: cannot be read ({e.strerror})") from None
 
 
 def is_complete(directory) -> bool:
-  """Whether `directory` holds the three files of a set; one cut short by an older version,
-  which wrote them one by one into place, does not."""
-  return all(os.path.isfile(os.path.join(directory, name)) for name in FILES)
+  """Whether `directory` holds a whole set this module built: its marker and the three files
+  (a set cut short by an older version, which wrote them one by one, lacks the last)."""
+  names = _entries(directory) or []
+  return MARKER in names and all(name in names for name in FILES)
+
+
+def _same(path: str, array: np.ndarray) -> bool:
+  try:
+    kept = np.load(path, mmap_mode="r", allow_pickle=False)
+  except (OSError, ValueError, EOFError):
+    return False
+  return kept.shape == array.shape and kept.dtype == array.dtype and np.array_equal(kept, array)
+
+
+def check_buildable(directory, arrays: dict) -> None:
+  """Refuse, in one line, to write a set into a folder that holds anything but a set built
+  here (its marker; or, from a version before the marker, only files equal to `arrays`, the set
+  being written): a user's own trainingset.npy must never be replaced by the demo's."""
+  names = _entries(directory)
+  if not names or MARKER in names:
+    return
+  if set(names) <= set(arrays) and all(_same(os.path.join(directory, n), arrays[n])
+                                       for n in names):
+    return
+  listing = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
+  raise UserError(f"{directory}: holds files the demo did not write ({listing}); a demo set is "
+                  "only built into a new or empty folder: pass --config.data.dir=another "
+                  "folder, or drop data.demo to use the files there")
 
 
 def write_dataset(directory, train: np.ndarray, test: np.ndarray, labels: np.ndarray) -> str:
   """Write a set in the Kaggle layout so that it appears whole: built in a folder beside
-  `directory`, then renamed into place (or, where `directory` exists, its files moved in one by
-  one, the set counting as complete only with all three). Returns the labels file's path."""
+  `directory`, then renamed into place (or, where `directory` exists, empty or holding a set
+  built here, the marker first and then the files moved in one by one, the set counting as
+  complete only with all of them). Returns the labels file's path."""
   directory = os.path.abspath(os.fspath(directory))
+  arrays = dict(zip(FILES, (train, test, labels.astype(np.int64)), strict=True))
+  check_buildable(directory, arrays)
   building = f"{directory}.tmp{os.getpid()}"
   try:
     os.makedirs(building)
-    for name, array in zip(FILES, (train, test, labels.astype(np.int64)), strict=True):
+    with open(os.path.join(building, MARKER), "w") as f:
+      f.write("built by hw8jax (hw8jax.data.demo); rebuilt whenever it is incomplete\n")
+    for name, array in arrays.items():
       write_npy_atomic(os.path.join(building, name), array)
     if not os.path.exists(directory):
       os.rename(building, directory)
     else:
-      for name in FILES:
+      for name in (MARKER, *FILES):
         os.replace(os.path.join(building, name), os.path.join(directory, name))
       os.rmdir(building)
   except OSError as e:
