@@ -7,6 +7,10 @@ class UserError(Exception):
   """Bad input, configuration or a run that cannot continue; the message says what to do."""
 
 
+class NonFinite(UserError):
+  """A loss, parameters or scores that are NaN or infinite: the model's weights diverged."""
+
+
 class Interrupted(UserError):
   """A training run stopped by SIGTERM or Ctrl-C after saving the step it was at."""
 

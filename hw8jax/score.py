@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 
 from hw8jax import cpu_tuning, data, models, runtime
 from hw8jax.config import METRICS
+from hw8jax.errors import NonFinite
 
 
 def image_error(recon: jax.Array, x: jax.Array, metric: str, topk: int = 256) -> jax.Array:
@@ -88,18 +89,26 @@ def scorer_for(config, eval_def):
                      fast_paths=config.cpu_fast_paths)
 
 
-def score_images(scorer, model_state, images, *, batch_size: int, key,
-                 mesh=None) -> np.ndarray:
+def batch_size_for(batch_size: int, num_images: int, devices: int = 1) -> int:
+  """The batch `score_images` pads to: `batch_size`, but no larger than `num_images` rounded up
+  to a power of two (a few images are not padded to a large batch, and a detector compiles one
+  program per power of two), rounded up to a multiple of `devices`."""
+  size = min(batch_size, 1 << max(num_images - 1, 0).bit_length())
+  return -(-size // devices) * devices
+
+
+def score_images(scorer, model_state, images, *, batch_size: int, key, mesh=None,
+                 weights: str = "the model") -> np.ndarray:
   """Scores of all `images` (N, 64, 64, 3) uint8, in file order, each scored exactly once.
 
-  Batches are padded to `batch_size` (rounded up to a multiple of the mesh's devices) so
-  `scorer` compiles once; with a mesh, each batch is sharded over its `data` axis and each
-  process reads only its rows.
+  Batches are padded to `batch_size_for(batch_size, N)` so `scorer` compiles once per size;
+  with a mesh, each batch is sharded over its `data` axis and each process reads only its rows.
+  A score that is not finite (weights that overflow) is a NonFinite error naming `weights`.
   """
   devices = mesh.size if mesh is not None else 1
-  batch_size = -(-batch_size // devices) * devices
   n = len(images)
-  scores = np.full(n, np.nan, np.float32)
+  batch_size = batch_size_for(batch_size, n, devices)
+  scores, done = np.zeros(n, np.float32), np.zeros(n, bool)
   shard = data.Shard(jax.process_index(), jax.process_count())
   for batch in data.eval_dataset(images, batch_size=batch_size, shard=shard):
     imgs, index, mask = batch["image"], batch["index"], batch["mask"]
@@ -113,7 +122,13 @@ def score_images(scorer, model_state, images, *, batch_size: int, key,
                           for a in (out, index, mask))
     out, index, mask = np.asarray(out), np.asarray(index), np.asarray(mask)
     scores[index[mask]] = out[mask]
-  assert not np.isnan(scores).any(), "an image was not scored"
+    done[index[mask]] = True
+  if not done.all():  # the batching's own promise, checked whatever Python's -O says
+    raise RuntimeError(f"{int((~done).sum())} of {n} images were not scored")
+  bad = int((~np.isfinite(scores)).sum())
+  if bad:
+    raise NonFinite(f"{weights}: {bad} of {n} anomaly scores are not finite (NaN or infinite): "
+                    "its weights overflow float32 arithmetic")
   return scores
 
 

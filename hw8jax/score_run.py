@@ -19,7 +19,7 @@ from hw8jax.score import autoencode, score_images, scorer_for
 THRESHOLD_SAMPLE = 2000  # training images scored for the threshold without a validation split
 
 
-def _threshold(config, inputs, scorer, model_state, mesh) -> dict:
+def _threshold(config, inputs, scorer, model_state, mesh, weights: str) -> dict:
   """The `score.threshold_quantile` quantile of the scores of normal images the model did not
   train on (the held-out validation images) or, without a validation split, of a seeded sample
   of up to THRESHOLD_SAMPLE training images."""
@@ -34,8 +34,19 @@ def _threshold(config, inputs, scorer, model_state, mesh) -> dict:
     source = f"{len(index)} training images (the model trained on them)"
   reference = score_images(scorer, model_state, np.asarray(inputs.train[index]),
                            batch_size=config.score.batch_size,
-                           key=runtime.run_keys(config.seed)["score"], mesh=mesh)
+                           key=runtime.run_keys(config.seed)["score"], mesh=mesh,
+                           weights=weights)
   return evaluate.threshold_record(reference, config.score.threshold_quantile, source)
+
+
+def scored_with(config, model, test_images) -> dict:
+  """What threshold.json says of the run that wrote it and scores.npy: the weights and step,
+  the test set (`data.fingerprint`) and the keys that shape a score. `hw8jax.load` scores and
+  thresholds as this says; ensembles compare the test sets of their members."""
+  # Step 0 is a PyTorch file's weights: a checkpoint is written after a step at the earliest.
+  return {"checkpoint": config.checkpoint.restore if model.step else "init_from",
+          "step": model.step, "weights": model.source, "test_set": data.fingerprint(test_images),
+          "score": config.score.to_dict(), "cpu_fast_paths": config.cpu_fast_paths}
 
 
 def score_run(config, workdir: str, inputs) -> dict | None:
@@ -47,8 +58,10 @@ def score_run(config, workdir: str, inputs) -> dict | None:
     workdir_lib.record(config, workdir, "score")
   scorer = scorer_for(config, model.eval_def)
   scores = score_images(scorer, model.state, inputs.test, batch_size=config.score.batch_size,
-                        key=runtime.run_keys(config.seed)["score"], mesh=mesh)
-  threshold = _threshold(config, inputs, scorer, model.state, mesh)
+                        key=runtime.run_keys(config.seed)["score"], mesh=mesh,
+                        weights=model.source)
+  threshold = {**_threshold(config, inputs, scorer, model.state, mesh, model.source),
+               **scored_with(config, model, inputs.test)}
   if not runtime.is_main_process():
     return None
   csv_path = os.path.join(workdir, "submission.csv")

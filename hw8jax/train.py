@@ -25,7 +25,7 @@ from hw8jax import config as config_lib
 from hw8jax import workdir as workdir_lib
 from hw8jax.assemble import assemble
 from hw8jax.epoch_eval import EpochEvaluator
-from hw8jax.errors import Interrupted, UserError
+from hw8jax.errors import Interrupted, NonFinite, UserError
 from hw8jax.runtime import log
 
 
@@ -37,27 +37,37 @@ def _all_finite(tree) -> bool:
              if jnp.issubdtype(x.dtype, jnp.floating))
 
 
-def _kept(mngrs) -> str:
-  last = mngrs["latest"].latest_step()
-  return f"the last good checkpoint (step {last}) is kept" if last is not None else \
-      "no checkpoint was written"
-
-
 def _save(mngrs, which: str, step: int, state, config, iterator=None) -> None:
   """Save only a finite state: a checkpoint is what a run resumes and scores from, so one
   holding NaN would lose the run's work as surely as none. The parameters and statistics are
   checked (the optimiser's moments follow from the same gradients, and with Adam they would
   triple what is copied to the host at every save)."""
   if not _all_finite((state["params"], state["batch_stats"])):
-    raise UserError(f"training stopped: the parameters became non-finite by step {step}; "
-                    f"{_kept(mngrs)}. Try a lower optimizer.learning_rate")
+    raise NonFinite(f"training stopped: the parameters became non-finite by step {step}")
   checkpoint.save(mngrs[which], step, state, config_lib.trajectory(config), iterator)
 
 
-def _check_loss(value: float, step: int, mngrs) -> None:
+def _check_loss(value: float, step: int) -> None:
   if not math.isfinite(value):
-    raise UserError(f"training stopped: loss became {value} at step {step}; {_kept(mngrs)}. "
-                    "Try a lower optimizer.learning_rate")
+    raise NonFinite(f"training stopped: the loss became {value} by step {step}")
+
+
+def _keep_verified(mngrs, verified: int, stopped: NonFinite) -> UserError:
+  """After a non-finite loss, parameters or scores: delete every checkpoint whose weights were
+  not seen to give a finite loss (the loss of step s + 1 is that of the weights saved at step
+  s, so only checkpoints before `verified`, the last step whose losses were all seen finite,
+  stand), and say which one is left."""
+  dropped = []
+  for m in mngrs.values():
+    m.wait_until_finished()
+    dropped += [s for s in m.all_steps() if s >= verified]
+    for step in [s for s in m.all_steps() if s >= verified]:
+      m.delete(step)
+  last = mngrs["latest"].latest_step()
+  kept = f"the last good checkpoint (step {last}) is kept" if last is not None else \
+      "no checkpoint held weights with a finite loss, so none is kept" if dropped else \
+      "no checkpoint was written"
+  return UserError(f"{stopped}; {kept}. Try a lower optimizer.learning_rate")
 
 
 @contextlib.contextmanager
@@ -120,9 +130,10 @@ def _resume(mngrs, state, iterator, replicated, num_steps: int):
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, train_images, test_images=None,
-          test_labels=None) -> dict | None:
+          test_labels=None, train_set: str | None = None) -> dict | None:
   """Train (or resume) to the configured number of steps; returns the final train state
-  (None when the workdir had already finished)."""
+  (None when the workdir had already finished). `train_set`, the images' fingerprint, goes into
+  the run's record (computed here when not given)."""
   mesh = runtime.make_mesh()
   replicated = runtime.replicated(mesh)
   batch_sharding = runtime.batch_sharded(mesh)
@@ -163,7 +174,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_images, test_im
       return None
     state, start = resumed
     if runtime.is_main_process():
-      workdir_lib.record(config, workdir, "train", fresh=fresh)
+      workdir_lib.record(config, workdir, "train", fresh=fresh, facts={
+          workdir_lib.TRAIN_SET: train_set or data.fingerprint(train_images)})
     if start:
       log(f"resumed from step {start} of {num_steps} ({workdir})")
     sinks = metrics.open_sinks(workdir, start)
@@ -175,51 +187,58 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_images, test_im
       began = last_log = last_save = time.time()
       log_step, steady = start, None  # steady: (time, step) of the first log, after compiling
       best = None  # (step, model part) of the best epoch not yet written
-      for step in range(start, num_steps):
-        batch = jax.make_array_from_process_local_data(batch_sharding,
-                                                       next(iterator)["image"])
-        state, out = step_fn(state, batch)
-        done = step + 1
-        end_of_epoch = done % spe == 0
-        if time.time() - last_log >= config.log_every_seconds or done == num_steps or \
-            end_of_epoch:
-          loss = float(out["loss"])  # waits for this step: the rate counts finished steps
-          now = time.time()
-          _check_loss(loss, done, mngrs)
-          rate = (done - log_step) * config.batch_size / max(now - last_log, 1e-9)
-          eta = _eta(now, done, num_steps, steady, rate / config.batch_size)
-          steady = steady or (now, done)
-          record = {"step": done, "epoch": done / spe, "loss": loss,
-                    "lr": float(lr_at(step)), "images_per_s": rate,
-                    "elapsed_s": now - began, "eta_s": eta,
-                    **{k: float(v) for k, v in out.items() if k != "loss"}}
-          log(f"epoch {done / spe:6.2f}  step {done}/{num_steps}  loss {loss:.6g}  "
-              f"lr {record['lr']:.3g}  {rate:.1f} img/s  elapsed {_clock(now - began)}  "
-              f"eta {_clock(eta)}")
-          metrics.write(sinks, record, "train")
-          last_log, log_step = now, done
-        if end_of_epoch:
-          state, best = _end_epoch(state, done, spe, evaluator, mngrs, sinks, best)
-        due = (every_steps and done % every_steps == 0) or done == num_steps or \
-            (every_s and time.time() - last_save >= every_s)
-        if due or stop.get("signal"):
-          _check_loss(float(state["epoch_loss_sum"]), done, mngrs)
-          if best is not None:  # written with the latest one that records its quality
-            _save(mngrs, "best", *best, config)
-            best = None
-          _save(mngrs, "latest", done, state, config, iterator)
-          last_save = time.time()
-        if done == num_steps and runtime.is_main_process():
-          # While orbax writes the last checkpoint, mostly waiting on the disk: the end of an
-          # fcn_boss demo run took 2.06 s with the figure drawn first, 1.80 s so (2 cores).
-          if config.figures:
-            figures.plot_training_curves(os.path.join(workdir, metrics.METRICS_FILE),
-                                         os.path.join(workdir, "training_curves.png"))
-          else:  # an earlier run's: it no longer describes this one
-            report.remove_outputs(workdir, ["training_curves.png"])
-        if stop.get("signal") and done < num_steps:
-          mngrs["latest"].wait_until_finished()
-          raise Interrupted(stop["signal"], done, num_steps)
+      verified = start  # every loss up to this step was seen finite (see _keep_verified)
+      try:
+        for step in range(start, num_steps):
+          batch = jax.make_array_from_process_local_data(batch_sharding,
+                                                         next(iterator)["image"])
+          state, out = step_fn(state, batch)
+          done = step + 1
+          end_of_epoch = done % spe == 0
+          if time.time() - last_log >= config.log_every_seconds or done == num_steps or \
+              end_of_epoch:
+            loss = float(out["loss"])  # waits for this step: the rate counts finished steps
+            now = time.time()
+            _check_loss(loss, done)
+            _check_loss(float(state["epoch_loss_sum"]), done)  # every step's since the epoch began
+            verified = done
+            rate = (done - log_step) * config.batch_size / max(now - last_log, 1e-9)
+            eta = _eta(now, done, num_steps, steady, rate / config.batch_size)
+            steady = steady or (now, done)
+            record = {"step": done, "epoch": done / spe, "loss": loss,
+                      "lr": float(lr_at(step)), "images_per_s": rate,
+                      "elapsed_s": now - began, "eta_s": eta,
+                      **{k: float(v) for k, v in out.items() if k != "loss"}}
+            log(f"epoch {done / spe:6.2f}  step {done}/{num_steps}  loss {loss:.6g}  "
+                f"lr {record['lr']:.3g}  {rate:.1f} img/s  elapsed {_clock(now - began)}  "
+                f"eta {_clock(eta)}")
+            metrics.write(sinks, record, "train")
+            last_log, log_step = now, done
+          if end_of_epoch:
+            state, best = _end_epoch(state, done, spe, evaluator, mngrs, sinks, best)
+          due = (every_steps and done % every_steps == 0) or done == num_steps or \
+              (every_s and time.time() - last_save >= every_s)
+          if due or stop.get("signal"):
+            _check_loss(float(state["epoch_loss_sum"]), done)
+            verified = done
+            if best is not None:  # written with the latest one that records its quality
+              _save(mngrs, "best", *best, config)
+              best = None
+            _save(mngrs, "latest", done, state, config, iterator)
+            last_save = time.time()
+          if done == num_steps and runtime.is_main_process():
+            # While orbax writes the last checkpoint, mostly waiting on the disk: the end of an
+            # fcn_boss demo run took 2.06 s with the figure drawn first, 1.80 s so (2 cores).
+            if config.figures:
+              figures.plot_training_curves(os.path.join(workdir, metrics.METRICS_FILE),
+                                           os.path.join(workdir, "training_curves.png"))
+            else:  # an earlier run's: it no longer describes this one
+              report.remove_outputs(workdir, ["training_curves.png"])
+          if stop.get("signal") and done < num_steps:
+            mngrs["latest"].wait_until_finished()
+            raise Interrupted(stop["signal"], done, num_steps)
+      except NonFinite as e:
+        raise _keep_verified(mngrs, verified, e) from None
     return state
   finally:
     metrics.close(sinks)

@@ -146,7 +146,14 @@ def load_state_dict(model: nnx.Module, state_dict) -> nnx.Module:
     if sd[key].shape != expected:
       problems.append(f"shape of {key}: got {sd[key].shape}, model needs {expected}")
       continue
-    updates.append((target, convert(sd[key].astype(np.float32))))
+    with np.errstate(over="ignore"):  # counted below
+      value = sd[key].astype(np.float32)
+    bad = int(np.size(value) - np.isfinite(value).sum())
+    if bad:
+      problems.append(f"{key} has {bad} of {np.size(value)} values that are not finite in "
+                      "float32 (NaN, infinite, or beyond 3.4e38)")
+      continue
+    updates.append((target, convert(value)))
   unexpected = [k for k in sd if k not in used and not k.endswith(_IGNORED_SUFFIXES)]
   problems += [f"unexpected {shown(k)} {sd[k].shape}" for k in unexpected]
   if problems:
