@@ -112,6 +112,7 @@ def base_config(model: str) -> ml_collections.ConfigDict:
   c.coordinator_address = ""       # host:port to run multi-process (jax.distributed)
   c.num_processes = 1
   c.process_id = 0
+  c.distributed_timeout = 300.0    # seconds the processes wait for each other at the start
   return c
 
 
@@ -269,6 +270,8 @@ def validate(c: ml_collections.ConfigDict, mode: str = "train_and_score") -> Non
         f"must be in [0, num_processes={c.num_processes})")
   check("coordinator_address", c.num_processes == 1 or c.coordinator_address,
         "a run of several processes needs host:port of process 0")
+  dt = c.distributed_timeout
+  check("distributed_timeout", math.isfinite(dt) and dt > 0, "must be a finite number > 0")
   if problems:
     raise ConfigError("\n".join(problems))
 

@@ -1,15 +1,19 @@
-"""A trained workdir as a detector in Python, in PyOD's terms: `hw8jax.load(workdir)` (or
-`hw8jax.fit`), then `score(images)` (alias `decision_function`), `threshold` and
-`predict(images)`, and `reconstruct(images)`. Scores equal those of the workdir's
-submission.csv for the test images in file order (the same scorer, keys and checkpoint), and
-predictions those of its predictions.csv."""
+"""A trained workdir as a detector in Python: `hw8jax.load(workdir)` (or `hw8jax.fit`), then,
+in PyOD's terms, `score(images)` (alias `decision_function`), `threshold` and `predict(images)`,
+and `reconstruct(images)`.
+
+A detector follows the workdir's last scoring run (its threshold.json): the same checkpoint,
+score keys and threshold, so its scores equal that run's scores.npy for the test images in file
+order and its predictions that run's predictions.csv. Its programs are compiled once per
+detector (and per power-of-two batch size).
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
+from collections.abc import Callable
 
 import jax
 import ml_collections
@@ -17,22 +21,30 @@ import numpy as np
 from flax import nnx
 
 from hw8jax import config as config_lib
-from hw8jax import data, runtime
+from hw8jax import data, report, runtime
 from hw8jax import workdir as workdir_lib
 from hw8jax.assemble import assemble
 from hw8jax.errors import UserError
-from hw8jax.score import autoencode, score_images, scorer_for
+from hw8jax.score import autoencode, batch_size_for, score_images, scorer_for
+
+THRESHOLD_FILE = "threshold.json"
+RECONSTRUCT_BATCH = 256
 
 
 @dataclasses.dataclass(frozen=True)
 class Detector:
-  """A model restored from a workdir, with the config it was trained with."""
+  """A model restored from a workdir, with the config it scores with (the training run's, with
+  the score keys of the workdir's last scoring run)."""
   config: ml_collections.ConfigDict
   step: int
   graphdef: nnx.GraphDef
   state: tuple  # (params, batch_stats), replicated over `mesh`
   mesh: jax.sharding.Mesh
-  threshold: float | None = None  # threshold.json's, from the workdir's scoring run
+  threshold: float | None = None  # threshold.json's, where it is of this checkpoint
+  no_threshold: str = ""          # why `threshold` is None, in one line
+  scorer: Callable | None = None
+  reconstructor: Callable | None = None
+  weights: str = ""               # which checkpoint, as the outputs say it
 
   def score(self, images) -> np.ndarray:
     """(N,) float32 anomaly scores of uint8 images (N, 64, 64, 3); image i's sampling noise is
@@ -40,9 +52,9 @@ class Detector:
     images = _checked(images)
     if not len(images):
       return np.zeros(0, np.float32)
-    return score_images(scorer_for(self.config, self.graphdef), self.state, images,
-                        batch_size=self.config.score.batch_size,
-                        key=runtime.run_keys(self.config.seed)["score"], mesh=self.mesh)
+    return score_images(self.scorer, self.state, images, batch_size=self.config.score.batch_size,
+                        key=runtime.run_keys(self.config.seed)["score"], mesh=self.mesh,
+                        weights=self.weights)
 
   decision_function = score  # PyOD's name: higher is more anomalous
 
@@ -50,20 +62,24 @@ class Detector:
     """(N,) int32: 1 where an image's score is above `threshold` (an anomaly), else 0; for the
     test images, predictions.csv's `is_anomaly`."""
     if self.threshold is None:
-      raise UserError("no threshold: the workdir has no threshold.json; score it first "
-                      "(--mode=score or hw8jax.run)")
+      raise UserError(self.no_threshold)
     return (self.score(images) > self.threshold).astype(np.int32)
 
   def reconstruct(self, images) -> np.ndarray:
     """(N, 64, 64, 3) float32 deterministic reconstructions decode(encode(x)) in [-1, 1] of
     the transformed images (what the model is trained to reproduce)."""
+    x = _checked(images)
+    if not len(x):
+      return np.zeros((0, 64, 64, 3), np.float32)
     local = jax.tree.map(lambda a: a.addressable_data(0), self.state)
     transform = data.get_transform(self.config.data.transform)
-    reconstruct = autoencode(self.graphdef)
-    x = _checked(images)
-    out = [np.asarray(reconstruct(local, transform(x[i:i + 256])))
-           for i in range(0, len(x), 256)]
-    return np.concatenate(out) if out else np.zeros((0, 64, 64, 3), np.float32)
+    size = batch_size_for(RECONSTRUCT_BATCH, len(x))
+    out = []
+    for i in range(0, len(x), size):  # padded to `size`: one program per detector and size
+      chunk = x[i:i + size]
+      padded = np.concatenate([chunk, np.zeros((size - len(chunk), 64, 64, 3), np.uint8)])
+      out.append(np.asarray(self.reconstructor(local, transform(padded)))[:len(chunk)])
+    return np.concatenate(out)
 
 
 def _checked(images) -> np.ndarray:
@@ -76,37 +92,64 @@ def _checked(images) -> np.ndarray:
   return shaped
 
 
-def load(workdir: str, which: str = "latest") -> Detector:
-  """The `which` ("latest" or "best") checkpoint of `workdir`, with the config it was trained
-  with, on every device of this process."""
+def load(workdir: str, which: str | None = None) -> Detector:
+  """The model of `workdir` on every device of this process, as its last scoring run scored it:
+  that run's checkpoint ("latest" or "best"; `which` picks another, which then has no
+  threshold), score keys and threshold. A workdir never scored loads its latest checkpoint with
+  the training run's score keys, and no threshold."""
   if not isinstance(workdir, (str, os.PathLike)):
     raise UserError(f"workdir={workdir!r}: give the path of a trained workdir")
   workdir = os.fspath(workdir)
-  if which not in ("latest", "best"):
-    raise UserError(f"which={which!r}: use latest or best")
-  recorded = workdir_lib.trained_config(workdir)
-  if recorded is None:
+  if which not in (None, "latest", "best"):
+    raise UserError(f"which={which!r}: use latest or best (or leave it out: the checkpoint the "
+                    "workdir's last scoring run scored)")
+  config = workdir_lib.trained_config(workdir)
+  if config is None:
     raise UserError(f"{workdir}: no config.json of a training run; train first "
                     "(hw8jax.run or launch.py)")
-  config_lib.validate(recorded, "score")
-  runtime.use_compilation_cache(recorded.compilation_cache)
+  path = os.path.join(workdir, THRESHOLD_FILE)
+  config_lib.validate(config, "score")
+  scored = _scoring_record(path, config)
+  scored_which = scored.get("checkpoint") if scored.get("checkpoint") in ("latest", "best") \
+      else None
+  which = which or scored_which or "latest"
+  runtime.use_compilation_cache(config.compilation_cache)
   mesh = runtime.make_mesh()
-  model = assemble(recorded, "checkpoint", workdir=workdir, which=which, mesh=mesh)
-  return Detector(recorded, model.step, model.eval_def, model.state, mesh,
-                  _threshold(os.path.join(workdir, "threshold.json")))
+  model = assemble(config, "checkpoint", workdir=workdir, which=which, mesh=mesh)
+  threshold, why = scored.get("threshold"), ""
+  if threshold is None:
+    why = f"no threshold: {workdir} has no {THRESHOLD_FILE}; score it first (--mode=score or " \
+        "hw8jax.run)"
+  elif scored_which and (which, model.step) != (scored_which, scored.get("step")):
+    threshold = None
+    why = (f"no threshold: {path} is of the {scored_which} checkpoint (step "
+           f"{scored.get('step')}), this detector holds {model.source}; score the workdir "
+           f"again with checkpoint.restore={which}, or load it without `which`")
+  return Detector(config, model.step, model.eval_def, model.state, mesh, threshold, why,
+                  scorer_for(config, model.eval_def), autoencode(model.eval_def), model.source)
 
 
-def _threshold(path: str) -> float | None:
-  """threshold.json's threshold (None without the file), read as data."""
+def _scoring_record(path: str, config: ml_collections.ConfigDict) -> dict:
+  """threshold.json read as data ({} without it), its score keys and CPU setting applied to
+  `config` (a valid one) after the same checks as any config's. A record of an older version
+  that names no keys leaves `config` as trained."""
   if not os.path.exists(path):
-    return None
-  try:
-    with open(path, encoding="utf-8") as f:
-      value = json.load(f)["threshold"]
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    raise UserError(f"{path}: not a threshold record ({type(e).__name__}); score the workdir "
-                    "again to rewrite it") from None
+    return {}
+  record = report.read_json(path)
+  value = record.get("threshold") if record else None
   if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-    raise UserError(f"{path}: threshold {value!r} is not a finite number; score the workdir "
-                    "again to rewrite it")
-  return float(value)
+    raise UserError(f"{path}: not a threshold record (its threshold is {value!r}); score the "
+                    "workdir again to rewrite it")
+  if "score" in record or "cpu_fast_paths" in record:
+    flat = config_lib.flatten({"score": record.get("score", {})})
+    if "cpu_fast_paths" in record:
+      flat["cpu_fast_paths"] = record["cpu_fast_paths"]
+    try:
+      config.update_from_flattened_dict(flat)
+      config_lib.validate(config, "score")
+    except (config_lib.ConfigError, AttributeError, KeyError, TypeError, ValueError) as e:
+      raise UserError(f"{path}: its score keys are not a valid config "
+                      f"({str(e).splitlines()[0]}); score the workdir again") from None
+  step = record.get("step")
+  return {**record, "threshold": float(value),
+          "step": step if isinstance(step, int) and not isinstance(step, bool) else None}

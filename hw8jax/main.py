@@ -30,6 +30,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train_and_
   config_lib.validate(config, mode)  # every key, before anything is started, read or written
   runtime.use_compilation_cache(config.compilation_cache)
   atomic.check_folder(workdir, "--workdir")
+  workdir_lib.check_layout(workdir)
   runtime.init_distributed(config)
   inputs = data.open_run_data(config, workdir)  # headers only (the demo set is written once)
   config_lib.check_run_facts(config, mode, num_devices=jax.device_count(),
@@ -37,11 +38,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train_and_
   held = workdir_lib.lock(workdir) if runtime.is_main_process() else contextlib.nullcontext()
   # Explicit, because the default on GPUs computes float32 matmuls in TF32 (PyTorch's default
   # does not); "highest" keeps float32 runs float32. It changes nothing on CPU.
+  training = mode in ("train", "train_and_score")
+  train_set = data.fingerprint(inputs.train) if training else None
   with held, jax.default_matmul_precision(config.matmul_precision):
-    workdir_lib.check_agrees(config, workdir, mode)
-    if mode in ("train", "train_and_score"):
+    workdir_lib.check_agrees(config, workdir, mode,
+                             (inputs.train_path, train_set) if training else None)
+    if training:
       checkpoint.check_writable(workdir)
-      train.train(config, workdir, inputs.train, inputs.test, inputs.labels)
+      train.train(config, workdir, inputs.train, inputs.test, inputs.labels, train_set=train_set)
     if mode in ("score", "train_and_score"):
       return score_run(config, workdir, inputs)
   return None

@@ -16,20 +16,20 @@ from __future__ import annotations
 import contextlib
 import datetime
 import fcntl
-import json
 import os
 import socket
 import sys
 
 import ml_collections
 
-from hw8jax import atomic, checkpoint, report
+from hw8jax import atomic, checkpoint, metrics, report
 from hw8jax import config as config_lib
 from hw8jax.errors import UserError
 
 RECORD = "config.json"
 RUNS = "runs"
 LOCK = ".lock"
+TRAIN_SET = "train_set"  # a train record's fingerprint of its training images, beside the config
 
 
 def _prepare(workdir: str) -> None:
@@ -69,12 +69,45 @@ def lock(workdir: str):
     os.close(fd)  # releases the lock
 
 
-def _read(path: str) -> dict | None:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
+# What a run writes in its workdir, by kind: a path there of the other kind (a file named
+# `runs`, a folder named `metrics.jsonl`) or a broken link would fail the run midway.
+FIT_DATA = "fit_data"  # hw8jax.fit's copy of the images it was given
+FOLDERS = (RUNS, "checkpoints", metrics.EVENTS_DIR, FIT_DATA)
+FILES = (RECORD, LOCK, metrics.METRICS_FILE, "submission.csv", "scores.npy", "predictions.csv",
+         "threshold.json", "eval.json", "training_curves.png", *report.SCORING_FIGURES)
+
+
+def check_layout(workdir: str) -> None:
+  """Before any work: every path a run writes in `workdir` is absent or of the kind it writes
+  (a folder or a file), and no link there is broken; one line naming the first that is not."""
+  for names, folder in ((FOLDERS, True), (FILES, False)):
+    for name in names:
+      path = os.path.join(workdir, name)
+      if not os.path.lexists(path):
+        continue
+      if not os.path.exists(path):
+        raise UserError(f"{path}: a broken link (to {os.readlink(path)}); remove it or point it "
+                        "at a " + ("folder" if folder else "file"))
+      if folder and not os.path.isdir(path):
+        raise UserError(f"{path}: a file where the run keeps a folder; move it away or use "
+                        "another --workdir")
+      if not folder and os.path.isdir(path):
+        raise UserError(f"{path}: a folder where the run writes a file; move it away or use "
+                        "another --workdir")
+
+
+def _number(name: str) -> int | None:
+  head = name.split("-")[0]
+  return int(head) if head.isdigit() else None
+
+
+def run_records(workdir: str) -> list[str]:
+  """The paths of runs/NNN-<mode>.json, oldest first: ordered by their number (as text, run
+  1000 would come before run 999)."""
+  runs = os.path.join(workdir, RUNS)
+  names = os.listdir(runs) if os.path.isdir(runs) else []
+  numbered = sorted((_number(n), n) for n in names if _number(n) is not None)
+  return [os.path.join(runs, n) for _, n in numbered]
 
 
 def trained_with(workdir: str) -> dict | None:
@@ -85,11 +118,9 @@ def trained_with(workdir: str) -> dict | None:
 
 def trained_config(workdir: str) -> ml_collections.ConfigDict | None:
   """The config of the newest training run recorded in `workdir`, as a ConfigDict."""
-  runs = os.path.join(workdir, RUNS)
-  names = sorted(os.listdir(runs)) if os.path.isdir(runs) else []
-  paths = [os.path.join(runs, n) for n in reversed(names) if n.endswith("-train.json")]
-  for path in [*paths, os.path.join(workdir, RECORD)]:
-    record = _read(path)
+  paths = [path for path in run_records(workdir) if path.endswith("-train.json")]
+  for path in [*reversed(paths), os.path.join(workdir, RECORD)]:
+    record = report.read_json(path)
     if isinstance(record, dict) and isinstance(record.get("model"), str):
       # On today's defaults: a record written before a key existed gets the key's default.
       config = config_lib.base_config(record["model"])
@@ -101,10 +132,26 @@ def trained_config(workdir: str) -> ml_collections.ConfigDict | None:
 
 
 
-def check_agrees(config, workdir: str, mode: str) -> None:
-  """Stop, in one line, a run that would mix its config with the checkpoints already there."""
+def trained_on(workdir: str) -> str | None:
+  """The fingerprint (`data.fingerprint`) of the images the newest training run recorded in
+  `workdir` trained on (None: no record says)."""
+  paths = [path for path in run_records(workdir) if path.endswith("-train.json")]
+  record = report.read_json(paths[-1]) if paths else None
+  value = record.get(TRAIN_SET) if record else None
+  return value if isinstance(value, str) else None
+
+
+def check_agrees(config, workdir: str, mode: str, train_set: tuple[str, str] | None = None):
+  """Stop, in one line, a run that would mix its config, or (training) its images
+  `train_set` = (path, fingerprint), with the checkpoints already there."""
   if not (checkpoint.exists(workdir, "latest") or checkpoint.exists(workdir, "best")):
     return
+  recorded_set = trained_on(workdir) if mode != "score" and train_set else None
+  if recorded_set is not None and recorded_set != train_set[1]:
+    raise UserError(f"--workdir={workdir} holds checkpoints trained on other images than "
+                    f"{train_set[0]} ({train_set[1].split(':')[0]} images, another content "
+                    f"than the {recorded_set.split(':')[0]} it trained on); train on these "
+                    "in another --workdir, or --mode=score to score them with this model")
   # The workdir's records, else what the checkpoints themselves say (records deleted or damaged).
   recorded = trained_with(workdir) or checkpoint.trained_with(workdir)
   if recorded is None:
@@ -126,15 +173,15 @@ def check_agrees(config, workdir: str, mode: str) -> None:
                   f"{listing}. To keep them apart, {way}")
 
 
-def record(config, workdir: str, what: str, fresh: bool = False) -> None:
+def record(config, workdir: str, what: str, fresh: bool = False, facts: dict | None = None):
   """Write the config of what a run is starting (`train` steps, or `score`) to
   runs/NNN-<what>.json, and to config.json when training starts afresh (`fresh`: no checkpoint
   yet). A run that finds its training finished starts no steps and writes no train record, so
   the newest train record is always one the checkpoints continue from."""
   runs = os.path.join(workdir, RUNS)
   os.makedirs(runs, exist_ok=True)
-  numbers = [int(n.split("-")[0]) for n in os.listdir(runs) if n.split("-")[0].isdigit()]
-  content = config.to_dict()
+  numbers = [_number(n) for n in os.listdir(runs) if _number(n) is not None]
+  content = {**config.to_dict(), **(facts or {})}
   report.write_json(os.path.join(runs, f"{max(numbers, default=0) + 1:03d}-{what}.json"),
                     content)
   if fresh:

@@ -5,6 +5,7 @@ from hw8jax.data.io import (
     TEST_FILE,
     TRAIN_FILE,
     DataError,
+    fingerprint,
     open_images,
     open_labels,
     write_npy_atomic,
@@ -20,6 +21,6 @@ from hw8jax.data.transforms import crop, crop_transform, get_transform, normaliz
 
 __all__ = [
     "TEST_FILE", "TRAIN_FILE", "DataError", "RunData", "Shard", "crop", "crop_transform",
-    "eval_dataset", "get_transform", "normalize", "open_images", "open_labels", "open_run_data",
-    "steps_per_epoch", "train_dataset", "validation_split", "write_npy_atomic",
+    "eval_dataset", "fingerprint", "get_transform", "normalize", "open_images", "open_labels",
+    "open_run_data", "steps_per_epoch", "train_dataset", "validation_split", "write_npy_atomic",
 ]
