@@ -18,6 +18,7 @@ import numpy as np
 
 from hw8jax import atomic, evaluate, report
 from hw8jax.data import DataError, open_labels, write_npy_atomic
+from hw8jax.data.io import open_npy
 from hw8jax.errors import UserError
 
 METHODS = ("rank", "zscore")
@@ -38,19 +39,16 @@ def combine(scores: list[np.ndarray], method: str = "rank") -> np.ndarray:
 
 def _scores_of(workdir: str) -> np.ndarray:
   """A workdir's scores.npy as float64, after checking it is what a scoring run writes: a .npy
-  of one finite float per test image."""
+  of one finite float per test image (its header checked before any of it is read)."""
   path = os.path.join(workdir, "scores.npy")
   if not os.path.isfile(path):
     raise UserError(f"{path}: no such file; score that workdir first (--mode=score)")
-  try:
-    scores = np.load(path, allow_pickle=False)
-  except (ValueError, OSError, EOFError) as e:
-    raise UserError(f"{path}: not a .npy file of scores ({str(e).splitlines()[0]})") from None
-  if not isinstance(scores, np.ndarray) or scores.ndim != 1 or not len(scores):
-    raise UserError(f"{path}: shape {getattr(scores, 'shape', '?')}, expected (N,) scores")
+  scores = open_npy(path)
+  if scores.ndim != 1:
+    raise UserError(f"{path}: shape {scores.shape}, expected (N,) scores")
   if scores.dtype.kind not in "fiu":
     raise UserError(f"{path}: dtype {scores.dtype}, expected float scores")
-  scores = scores.astype(np.float64)
+  scores = np.asarray(scores, np.float64)
   bad = {"NaN": int(np.isnan(scores).sum()), "infinite": int(np.isinf(scores).sum())}
   for what, count in bad.items():
     if count:
@@ -59,14 +57,40 @@ def _scores_of(workdir: str) -> np.ndarray:
   return scores
 
 
+def _test_set_of(workdir: str) -> str | None:
+  """The test set a workdir's scores.npy was computed on, as its threshold.json says (None for
+  a workdir scored by a version that did not say)."""
+  record = report.read_json(os.path.join(workdir, "threshold.json"))
+  value = record.get("test_set") if isinstance(record, dict) else None
+  return value if isinstance(value, str) else None
+
+
 def load_scores(workdirs: list[str]) -> list[np.ndarray]:
-  """Every workdir's scores, checked, and all of one length."""
+  """Every workdir's scores, checked: all of one length and, where their scoring records say,
+  of one test set."""
   scores = [_scores_of(w) for w in workdirs]
   lengths = {w: len(s) for w, s in zip(workdirs, scores, strict=True)}
   if len(set(lengths.values())) != 1:
     listing = ", ".join(f"{w}: {n}" for w, n in lengths.items())
     raise UserError(f"workdirs scored different numbers of test images ({listing})")
+  sets = {w: _test_set_of(w) for w in workdirs}
+  named = {s for s in sets.values() if s is not None}
+  if len(named) > 1:
+    first = next(w for w in workdirs if sets[w] is not None)
+    other = next(w for w in workdirs if sets[w] not in (None, sets[first]))
+    raise UserError(f"{other} and {first} scored different test sets of {len(scores[0])} "
+                    "images (their threshold.json name other testingset.npy contents); score "
+                    "every member on the same data.dir")
   return scores
+
+
+def _check_out(out: str, workdirs: list[str]) -> None:
+  """--out must be a folder of its own: writing into a member would replace its scores."""
+  atomic.check_folder(out, "--out")
+  for w in workdirs:
+    if os.path.realpath(out) == os.path.realpath(w):
+      raise UserError(f"--out={out} is the member {w}: its scores.npy and submission.csv would "
+                      "be replaced; give the ensemble a folder of its own")
 
 
 def main(argv=None) -> int:
@@ -80,7 +104,7 @@ def main(argv=None) -> int:
     # Every input is checked before anything is written.
     members = load_scores(args.workdirs)
     labels = open_labels(args.labels, len(members[0])) if args.labels else None
-    atomic.check_folder(args.out, "--out")
+    _check_out(args.out, args.workdirs)
     scores = combine(members, args.method)
     os.makedirs(args.out, exist_ok=True)
     report.write_submission(os.path.join(args.out, "submission.csv"), scores)

@@ -69,5 +69,16 @@ def json_safe(value):
   return value
 
 
+def read_json(path: str) -> dict | None:
+  """A JSON record this package wrote, read as data (None where it is missing or is not a JSON
+  object: a record another version wrote, or one damaged, says nothing)."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      record = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return record if isinstance(record, dict) else None
+
+
 def write_json(path: str, record: dict) -> None:
   atomic.write_text(path, json.dumps(json_safe(record), indent=2, allow_nan=False) + "\n")
