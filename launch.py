@@ -4,11 +4,25 @@
   python launch.py --config=configs/fcn_boss.py --workdir=runs/fcn_boss --config.num_epochs=80
 """
 
+import os
 import signal
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+INTERRUPTED = "interrupted; run the same command to continue from the last checkpoint"
+
+
+def _stop_at_once(signum, frame):
+  """Ctrl-C before main() runs: nothing is written yet, so stop now. (As an exception it could
+  surface in the middle of an import as a long traceback, or while JAX starts, as an abort.)"""
+  os.write(2, b"interrupted before the run started; nothing was written\n")
+  os._exit(128 + signal.SIGINT)
+
+
+if __name__ == "__main__":  # also where a shell started it with SIGINT ignored (a background job)
+  signal.signal(signal.SIGINT, _stop_at_once)
+
+from absl import app, flags, logging  # noqa: E402  (after the handler: imports take a second)
+from ml_collections import config_flags  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "configs/<variant>.py[:quick|:demo]",
                                 lock_config=True)
@@ -45,6 +59,8 @@ def main(argv):
   from hw8jax.errors import Interrupted, UserError
   from hw8jax.main import run
 
+  if __name__ == "__main__":  # from here Ctrl-C unwinds: what a run writes is cleaned up
+    signal.signal(signal.SIGINT, signal.default_int_handler)
   try:
     run(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.mode)
   except Interrupted as e:
@@ -53,9 +69,14 @@ def main(argv):
   except UserError as e:
     _fail(e)
   except KeyboardInterrupt:
-    print("interrupted; run the same command to continue from the last checkpoint",
-          file=sys.stderr)
-    sys.exit(128 + signal.SIGINT)
+    print(INTERRUPTED, file=sys.stderr)
+    if __name__ != "__main__":
+      sys.exit(128 + signal.SIGINT)
+    # What the run wrote is closed by now; the interpreter's own shutdown, with XLA's threads
+    # stopped mid-work, once crashed (SIGSEGV) after the line was printed.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(128 + signal.SIGINT)
 
 
 def main_process(argv):
