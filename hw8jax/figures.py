@@ -1,5 +1,7 @@
-"""The figures of a run, drawn with matplotlib (Agg) from arrays: roc.png, reconstructions.png,
-latent_edits.png and training_curves.png. Each is written whole or not at all."""
+"""The figures of a run (roc.png, reconstructions.png, latent_edits.png, training_curves.png).
+
+Each is drawn from arrays on a matplotlib figure of its own Agg canvas, so pyplot's backend (a
+notebook's inline one) is never touched, and written whole or not at all."""
 
 from __future__ import annotations
 
@@ -12,6 +14,17 @@ from hw8jax import atomic
 SWEEP = (-2.0, -1.0, 1.0, 2.0)  # latent_edits.png: steps of max|z| added to a latent element
 
 
+def _figure(**kwargs):
+  """A figure on its own Agg canvas: pyplot and its global backend stay untouched, so a
+  notebook's inline plots go on working after a run has drawn its figures."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
+  fig = Figure(**kwargs)
+  FigureCanvasAgg(fig)
+  return fig
+
+
 def _save_figure(fig, path: str) -> None:
   with atomic.replaced(path, "wb") as f:
     fig.savefig(f, format="png", dpi=100, bbox_inches="tight", pil_kwargs={"compress_level": 1})
@@ -22,14 +35,11 @@ def _to_display(x: np.ndarray) -> np.ndarray:
 
 
 def plot_roc_and_histogram(path: str, labels: np.ndarray, scores: np.ndarray, auc: float):
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
   from sklearn.metrics import roc_curve
 
   fpr, tpr, _ = roc_curve(labels, scores)
-  fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+  fig = _figure(figsize=(10, 4))
+  a, b = fig.subplots(1, 2)
   a.plot(fpr, tpr, label=f"AUC {auc:.4f}")
   a.plot([0, 1], [0, 1], "k--", lw=0.8)
   a.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
@@ -40,7 +50,6 @@ def plot_roc_and_histogram(path: str, labels: np.ndarray, scores: np.ndarray, au
   b.set(xlabel="anomaly score", ylabel="images", title="score histogram")
   b.legend()
   _save_figure(fig, path)
-  plt.close(fig)
 
 
 def plot_reconstructions(path: str, images: np.ndarray, recons: np.ndarray, scores: np.ndarray,
@@ -49,9 +58,6 @@ def plot_reconstructions(path: str, images: np.ndarray, recons: np.ndarray, scor
   colour scale for all). Each column is titled with its score (and true label, if known).
   Drawn as one image: a grid of 36 matplotlib axes took 1.7 s."""
   import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
 
   n, size, gap = len(images), images.shape[1], 2
   err = np.square(recons - images).sum(-1)
@@ -63,7 +69,8 @@ def plot_reconstructions(path: str, images: np.ndarray, recons: np.ndarray, scor
     for i in range(n):
       top, left = r * (size + gap), i * (size + gap)
       canvas[top:top + size, left:left + size] = row[i]
-  fig, ax = plt.subplots(figsize=(1.6 * n, 5))
+  fig = _figure(figsize=(1.6 * n, 5))
+  ax = fig.subplots()
   image = ax.imshow(canvas, cmap="magma", vmin=0, vmax=scale)
   image.set_data(canvas)  # RGB; the colour map only feeds the colour bar's scale
   for i in range(n):
@@ -76,7 +83,6 @@ def plot_reconstructions(path: str, images: np.ndarray, recons: np.ndarray, scor
                ax=ax, fraction=0.02, label="squared error (summed over channels)")
   fig.suptitle(title)
   _save_figure(fig, path)
-  plt.close(fig)
 
 
 def latent_edit_panels(face: np.ndarray, decoded: np.ndarray, chosen) -> list:
@@ -94,14 +100,10 @@ def latent_edit_panels(face: np.ndarray, decoded: np.ndarray, chosen) -> list:
 def plot_latent_edits(path: str, panels: list[tuple[str, np.ndarray]]):
   """The report's figure: an image, its reconstruction, and reconstructions of edited latents,
   2 + len(SWEEP) panels a row (a panel of None is left blank)."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
   columns = 2 + len(SWEEP)
   rows = -(-len(panels) // columns)
-  fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.5 * rows), squeeze=False)
+  fig = _figure(figsize=(2.2 * columns, 2.5 * rows))
+  axes = fig.subplots(rows, columns, squeeze=False)
   for ax in axes.ravel()[len(panels):]:
     ax.axis("off")
   for ax, (name, img) in zip(axes.ravel(), panels, strict=False):
@@ -112,24 +114,18 @@ def plot_latent_edits(path: str, panels: list[tuple[str, np.ndarray]]):
     ax.set_title(name, fontsize=9)
     ax.axis("off")
   _save_figure(fig, path)
-  plt.close(fig)
 
 
 def plot_training_curves(metrics_path: str, path: str) -> None:
   """training_curves.png from metrics.jsonl: the loss at each logged step and each epoch's mean
   loss; beside it, per epoch, the held-out images' mean score and the test AUC when logged."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
   with open(metrics_path) as f:
     records = [json.loads(line) for line in f if line.strip()]
   steps = [r for r in records if "loss" in r]
   epochs = [r for r in records if "epoch_mean_loss" in r]
   measured = [k for k in ("val_score", "test_auc") if any(k in r for r in epochs)]
-  fig, axes = plt.subplots(1, 1 + bool(measured), figsize=(5 + 4.5 * bool(measured), 3.6),
-                           squeeze=False)
+  fig = _figure(figsize=(5 + 4.5 * bool(measured), 3.6))
+  axes = fig.subplots(1, 1 + bool(measured), squeeze=False)
   ax = axes[0, 0]
   ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8, label="step")
   ax.plot([r["step"] for r in epochs], [r["epoch_mean_loss"] for r in epochs], "o-", ms=3,
@@ -144,4 +140,3 @@ def plot_training_curves(metrics_path: str, path: str) -> None:
     target.set_ylabel(key, color=f"C{i + 2}")
     axes[0, 1].set(xlabel="step", title="per epoch")
   _save_figure(fig, path)
-  plt.close(fig)
