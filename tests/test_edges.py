@@ -67,7 +67,7 @@ def test_ensemble_inputs_that_are_not_scores_are_one_line_each(tmp_path, capsys)
   labels = tmp_path / "labels.npy"
   np.save(labels, np.array([0, 1, 0]))
   cases = {
-      "text": (_member(tmp_path, "text", b"0.1\n0.2\n"), [], "not a .npy file of scores"),
+      "text": (_member(tmp_path, "text", b"0.1\n0.2\n"), [], "not a .npy file"),
       "2-D": (_member(tmp_path, "two_d", np.zeros((4, 2), np.float32)), [],
               "shape (4, 2), expected (N,) scores"),
       "strings": (_member(tmp_path, "strings", np.array(["a", "b", "c", "d"])), [],
@@ -180,7 +180,7 @@ def test_the_demo_set_appears_whole_and_a_cut_or_half_built_one_is_rebuilt(
   r = launch_here(*flags, config="ta_vae.py:demo")
   _one_line(r, "no latest checkpoint; train first")
   folder = workdir / "demo_data"
-  assert sorted(os.listdir(folder)) == sorted(demo.FILES)
+  assert sorted(os.listdir(folder)) == sorted([demo.MARKER, *demo.FILES])
   whole = {name: np.load(folder / name) for name in demo.FILES}
   (folder / demo.LABELS_FILE).unlink()  # what a cut in an older version's writes left
   r = launch_here(*flags, config="ta_vae.py:demo")

@@ -132,14 +132,18 @@ def test_an_unusable_workdir_is_one_line(kind, data_dir, tmp_path, launch_here):
   _one_line_error(result, expected)
 
 
-def test_unwritable_checkpoint_folder_fails_in_seconds(data_dir, tmp_path, launch_here):
+@pytest.mark.parametrize("blocked, expected", [
+    ("checkpoints", "checkpoints: a file where the run keeps a folder"),
+    ("checkpoints/latest", "checkpoints/latest: cannot write checkpoints there")])
+def test_unwritable_checkpoint_folder_fails_in_seconds(data_dir, tmp_path, launch_here, blocked,
+                                                       expected):
   """orbax waited 5 minutes and then raised a 140-line TimeoutError."""
   workdir = tmp_path / "w"
-  workdir.mkdir()
-  (workdir / "checkpoints").write_text("in the way")
+  (workdir / blocked).parent.mkdir(parents=True)
+  (workdir / blocked).write_text("in the way")
   start = time.time()
   result = launch_here(f"--workdir={workdir}", f"--config.data.dir={data_dir}", *QUICK)
-  _one_line_error(result, "checkpoints/latest: cannot write checkpoints there")
+  _one_line_error(result, expected)
   assert time.time() - start < 20
 
 
