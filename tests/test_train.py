@@ -67,7 +67,8 @@ def test_nan_loss_stops_with_a_clear_message(synthetic_dir, tmp_path):
   c.optimizer.learning_rate = 1e30
   from hw8jax.errors import UserError
 
-  with pytest.raises(UserError, match=r"training stopped: the loss became nan by step \d+; no checkpoint was written"):
+  with pytest.raises(UserError, match=r"training stopped: the loss became nan by step \d+; "
+                                      r"no checkpoint was written"):
     run(c, str(tmp_path / "w"), "train")
 
 
