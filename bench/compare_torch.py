@@ -43,8 +43,8 @@ import torch
 import torch.nn.functional as F
 from flax import nnx
 
-from hw8jax import config as config_lib
 from hw8jax import cpu_tuning, data, models, train_step
+from hw8jax.configs import default
 from hw8jax.data.demo import make_demo, synthetic_images
 from hw8jax.score import make_scorer
 
@@ -239,7 +239,7 @@ def bench_epoch(num_images: int, batch: int, worker):
   steps = num_images // batch
   model = with_torch_weights("fcn_boss")
   graphdef, (params, stats) = model.train_def, model.state
-  cfg = config_lib.base_config("fcn_boss")
+  cfg = default.for_model("fcn_boss")
   cfg.schedule.name = "warmup_cosine"
   tx = train_step.make_optimizer(cfg, train_step.make_schedule(cfg, steps))
   step = jax.jit(train_step.make_train_step(graphdef, tx, "fcn_boss", data.crop_transform,
@@ -353,7 +353,7 @@ def main():
   p.add_argument("--quick", action="store_true", help="small batches, few repeats")
   p.add_argument("--batch", type=int, default=256)
   p.add_argument("--score_batch", type=int,
-                 default=config_lib.base_config("fcn_boss").score.batch_size,
+                 default=default.for_model("fcn_boss").score.batch_size,
                  help="default: the scoring batch of a run (score.batch_size)")
   p.add_argument("--reps", type=int, default=5)
   p.add_argument("--epoch_images", type=int, default=4096)

@@ -24,8 +24,8 @@ import numpy as np
 import timing
 from flax import nnx
 
-from hw8jax import config as config_lib
 from hw8jax import data, models, train_step
+from hw8jax.configs import default
 from hw8jax.data.demo import synthetic_images
 from hw8jax.models import layers
 from hw8jax.score import make_scorer
@@ -54,7 +54,7 @@ def variant_rates(variant: str, batch: int, score_batch: int, reps: int, images)
 
 def epoch_seconds(images, batch: int, compute_dtype) -> float:
   """One fcn_boss epoch with the crop transform, the grain pipeline feeding the step."""
-  cfg = config_lib.base_config("fcn_boss")
+  cfg = default.for_model("fcn_boss")
   steps = len(images) // batch
   tx = train_step.make_optimizer(cfg, train_step.make_schedule(cfg, steps))
   model = timing.assembled("fcn_boss")

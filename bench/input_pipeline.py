@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hw8jax import config as config_lib
 from hw8jax import data, train_step
 from hw8jax.assemble import assemble
+from hw8jax.configs import default
 
 
 def machine() -> str:
@@ -73,7 +73,7 @@ def main():
         f"({total / dt:.0f} img/s); peak RSS {rss_mib():.0f} MiB "
         f"(was {before:.0f} MiB before the epoch; no model loaded yet)")
 
-  cfg = config_lib.base_config("fcn_boss")
+  cfg = default.for_model("fcn_boss")
   cfg.schedule.name = "warmup_cosine"
   tx = train_step.make_optimizer(cfg, train_step.make_schedule(cfg, 1000))
   model = assemble(cfg, key=jax.random.key(0))

@@ -11,9 +11,9 @@ import time
 
 import jax
 
-from hw8jax import config as config_lib
 from hw8jax import data, runtime, train_step
 from hw8jax.assemble import Assembled, assemble
+from hw8jax.configs import default
 
 
 def alternate(fns, reps: int, warmup: int = 2, turn_s: float = 0.25) -> list[float]:
@@ -45,7 +45,7 @@ def machine() -> str:
 def assembled(variant: str, fast_paths: str = "auto", init_from: str = "") -> Assembled:
   """The model a run of `variant` assembles, its weights drawn from key 0 or read from
   `init_from`, its convs following `fast_paths`."""
-  cfg = config_lib.base_config(variant)
+  cfg = default.for_model(variant)
   cfg.cpu_fast_paths, cfg.init_from = fast_paths, init_from
   return assemble(cfg, key=jax.random.key(0))
 
@@ -55,7 +55,7 @@ def train_step_runner(variant: str, train_def, params, stats, images, compiler_o
   normalised in the step) and blocking on its loss; and one giving the step's current
   arguments. Compiled as a run compiles it, or with the XLA `compiler_options` given instead of
   the run's. The step donates its state: `params` and `stats` are used up."""
-  cfg = config_lib.base_config(variant)
+  cfg = default.for_model(variant)
   tx = train_step.make_optimizer(cfg, train_step.make_schedule(cfg, 100))
   mesh = runtime.make_mesh()
   step_fn = train_step.make_train_step(train_def, tx, variant, data.normalize, jax.random.key(0))

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import timing
 
-from hw8jax import config as config_lib
 from hw8jax import cpu_tuning, models
+from hw8jax.configs import default
 from hw8jax.data.demo import synthetic_images
 from hw8jax.score import make_scorer
 
@@ -57,7 +57,7 @@ def main():
   p.add_argument("--variants", default="ta_cnn,ta_vae,multi_encoder,resnet_boss")
   p.add_argument("--batches", default="32,256", help="train batches")
   p.add_argument("--score_batch", type=int,
-                 default=config_lib.base_config("fcn_boss").score.batch_size)
+                 default=default.for_model("fcn_boss").score.batch_size)
   p.add_argument("--reps", type=int, default=5)
   args = p.parse_args()
   cpu_tuning.tune_allocator("auto")  # as a run does, before JAX starts

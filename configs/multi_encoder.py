@@ -1,18 +1,11 @@
-"""The seed's multi-encoder autoencoder (FCN + CNN + VAE encoders; its author reports it never
-beat the strong baseline). Its loss (summed MSE + 0.1 KLD + 0.05 consistency) is the variant's
-(hw8jax.models); the seed gives no recipe, so the sample code's."""
+"""The seed's multi-encoder autoencoder (FCN + CNN + VAE encoders), on the sample code's recipe.
 
-from hw8jax.config import apply_arg, base_config
+Its author reports it never beat the strong baseline. Its loss (summed MSE + 0.1 KLD + 0.05
+consistency) is the variant's (hw8jax.models); the seed gives no recipe."""
+
+from hw8jax.configs import default
 
 
 def get_config(arg=None):
   """`:quick` shrinks the run to 20 steps, `:demo` trains on the bundled demo set."""
-  c = base_config("multi_encoder")
-  # The course sample code's recipe.
-  c.optimizer.name = "adam"            # torch.optim.Adam (PyTorch's betas and eps)
-  c.optimizer.learning_rate = 1e-3
-  c.batch_size = 2000
-  c.num_epochs = 50
-  c.schedule.name = "constant"
-  c.data.transform = "none"            # 2x/255 - 1, no crop
-  return apply_arg(c, arg)
+  return default.for_model("multi_encoder", arg)

@@ -1,17 +1,10 @@
-"""The course sample code's convolutional autoencoder (three k4 s2 convs to 48x8x8), with the
-sample code's recipe."""
+"""The course sample code's convolutional autoencoder (three k4 s2 convs to 48x8x8).
 
-from hw8jax.config import apply_arg, base_config
+Its recipe is the sample code's, `configs/default.py`, unchanged."""
+
+from hw8jax.configs import default
 
 
 def get_config(arg=None):
   """`:quick` shrinks the run to 20 steps, `:demo` trains on the bundled demo set."""
-  c = base_config("ta_cnn")
-  # The course sample code's recipe.
-  c.optimizer.name = "adam"            # torch.optim.Adam (PyTorch's betas and eps)
-  c.optimizer.learning_rate = 1e-3
-  c.batch_size = 2000
-  c.num_epochs = 50
-  c.schedule.name = "constant"
-  c.data.transform = "none"            # 2x/255 - 1, no crop
-  return apply_arg(c, arg)
+  return default.for_model("ta_cnn", arg)

@@ -1,9 +1,8 @@
-"""Defaults shared by every `configs/<variant>.py`, the `:quick` / `:demo` config args, and
-the one check of a run's config (`validate`, then `check_run_facts` once the data and devices
-are known).
+"""The config's schema and its one check, before any work and once data and devices are known.
 
-Where a value comes from is said next to it; the per-variant files override what their original
-used. Every key is documented in the README's configuration table.
+`validate` checks every key against `SCHEMA` and the others; `check_run_facts` checks what
+depends on the data and the machine. The values live in configs/ (`configs/default.py` and each
+variant's changes); every key is documented in the README's configuration table.
 """
 
 from __future__ import annotations
@@ -13,6 +12,9 @@ import math
 
 import ml_collections
 
+# Costly (they import JAX and Flax) but needed by `validate` at every run; no import of
+# hw8jax.config leads back here.
+from hw8jax import cpu_tuning, models
 from hw8jax.errors import UserError
 
 MODES = ("train", "score", "train_and_score")
@@ -41,103 +43,24 @@ class ConfigError(UserError, ValueError):
   """A config mistake; one line per mistake, naming the key, its value and what is allowed."""
 
 
-def base_config(model: str) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.model = model
-  c.seed = 0                  # drives init, shuffling, noise; one seed for everything
-  c.init_from = ""            # a PyTorch original's torch.save file (whole model or
-                              # state_dict): its weights instead of a fresh initialisation
-  c.num_epochs = 50           # sample code
-  c.batch_size = 2000         # sample code
-  c.max_steps = 0             # > 0 stops training after this many steps (and sets the schedule
-                              # length); 0 trains num_epochs full epochs
-  c.allow_changes = ""        # resuming a workdir: comma-separated keys of RESUMABLE_CHANGES
-                              # that may differ from what its checkpoints were trained with
-
-  c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.name = "adam"   # sample code: torch.optim.Adam; also "adamw", "sgd"
-  c.optimizer.learning_rate = 1e-3
-  c.optimizer.weight_decay = 0.0  # torch Adam's default; used by adamw only
-
-  c.schedule = ml_collections.ConfigDict()
-  c.schedule.name = "constant"     # sample code; "warmup_cosine" for the boss recipe
-  # Seed: int(1.15 * 0.1 * total_steps) warmup steps. Kept as that product: 1.15 * 0.1 is
-  # 0.11499999999999999, and int(0.115 * T) differs from it for T = 1000 (115 vs 114).
-  c.schedule.warmup_fraction = 1.15 * 0.1
-
-  c.data = ml_collections.ConfigDict()
-  c.data.dir = "data"              # Kaggle layout: trainingset.npy, testingset.npy
-  c.data.test_labels = ""          # optional .npy of 0/1 labels for testingset.npy
-  c.data.transform = "none"        # "none" (normalise), "crop" (boss crop), or a
-                                   # "top,left,height,width" box
-  c.data.demo = False              # build the bundled demo set into data.dir (default
-                                   # <workdir>/demo_data) if missing; labels from it
-  c.data.num_threads = 2           # grain reader threads
-  c.data.val_fraction = 0.0        # share of the training images held out (never trained on):
-                                   # their mean anomaly score each epoch picks the best
-                                   # checkpoint; 0, as the originals, trains on all of them
-
-  c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.every_minutes = 10.0  # latest checkpoint cadence in minutes (0: off); always at
-                                   # the last step and at SIGTERM / Ctrl-C
-  c.checkpoint.every_steps = 0     # also every this many steps (0: off)
-  c.checkpoint.keep = 2            # latest checkpoints kept; the best is kept apart
-  c.checkpoint.restore = "latest"  # scoring: "latest" (the sample code's) or "best"
-  c.checkpoint.best_by = "auto"    # what picks the best checkpoint: "val_score" (held-out
-                                   # images), "train_loss" (epoch mean), "test_auc" (on the
-                                   # test labels: biased, and eval.json says so); "auto" is
-                                   # val_score with a validation split, else train_loss
-
-  c.score = ml_collections.ConfigDict()
-  c.score.metric = "l2"            # sample code: sqrt of summed squared error; also "mse",
-                                   # "mae", "topk"
-  c.score.topk = 256               # pixels (x channels) averaged by the "topk" metric
-  c.score.sample = True            # VAE parts: score a sampled z, as the sample code; False: mu
-  c.score.batch_size = 500         # rounded up to a multiple of the device count
-  c.score.threshold_quantile = 0.95  # predictions.csv: anomalous above this quantile of the
-                                     # scores of normal images the model did not train on
-                                     # (the validation split), else of training images
-
-  c.log_every_seconds = 5.0
-  c.figures = True                 # the PNG figures; False skips them (about 0.3 s each on
-                                   # 2 cores) and removes a workdir's earlier ones
-  c.compute_dtype = "float32"      # "bfloat16": bf16 compute, fp32 params and optimiser
-  c.matmul_precision = "highest"   # float32 matmuls in full float32 on GPUs too (not TF32);
-                                   # "default" lets XLA use TF32 / bf16 passes
-  c.compilation_cache = "auto"     # folder of XLA's persistent compilation cache ("auto":
-                                   # JAX_COMPILATION_CACHE_DIR if set, else
-                                   # $XDG_CACHE_HOME/hw8jax/xla or ~/.cache/hw8jax/xla); "": off
-  c.cpu_fast_paths = "auto"        # hw8jax's CPU-tuned conv forms and scorer compilation:
-                                   # "auto" on CPU only, "on" / "off" on every backend
-  c.coordinator_address = ""       # host:port to run multi-process (jax.distributed)
-  c.num_processes = 1
-  c.process_id = 0
-  c.distributed_timeout = 300.0    # seconds the processes wait for each other at the start
-  return c
-
-
-def apply_arg(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
-  """`configs/x.py:quick` shrinks a run to a minute or two on a 2-core CPU; `:demo` points it at
-  the bundled demo set (see README)."""
-  if arg in (None, ""):
-    return c
-  if arg == "quick":
-    c.batch_size = 16
-    c.max_steps = 20
-    c.checkpoint.every_steps = 10
-    c.checkpoint.keep = 1        # a smoke run: one fcn_boss checkpoint is 1.5 GB
-    c.score.batch_size = 64
-    c.log_every_seconds = 2.0
-  elif arg == "demo":
-    c.data.dir = ""              # "": <workdir>/demo_data
-    c.data.demo = True
-    c.batch_size = 14            # 70 training faces: 5 steps an epoch
-    c.num_epochs = 60
-    c.checkpoint.keep = 1        # a smoke run: one fcn_boss checkpoint is 1.5 GB
-    c.score.batch_size = 60
-  else:
-    raise ConfigError(f"unknown config arg {arg!r}: use 'quick' or 'demo'")
-  return c
+# Every key of a config and its type (a float key also takes an integer); the values, with the
+# sample code's recipe, are configs/default.py's, and the README's table says what each does.
+SCHEMA = {
+    "model": str, "seed": int, "init_from": str, "num_epochs": int, "batch_size": int,
+    "max_steps": int, "allow_changes": str,
+    "optimizer.name": str, "optimizer.learning_rate": float, "optimizer.weight_decay": float,
+    "schedule.name": str, "schedule.warmup_fraction": float,
+    "data.dir": str, "data.test_labels": str, "data.transform": str, "data.demo": bool,
+    "data.num_threads": int, "data.val_fraction": float,
+    "checkpoint.every_minutes": float, "checkpoint.every_steps": int, "checkpoint.keep": int,
+    "checkpoint.restore": str, "checkpoint.best_by": str,
+    "score.metric": str, "score.topk": int, "score.sample": bool, "score.batch_size": int,
+    "score.threshold_quantile": float,
+    "log_every_seconds": float, "figures": bool, "compute_dtype": str, "matmul_precision": str,
+    "compilation_cache": str, "cpu_fast_paths": str,
+    "coordinator_address": str, "num_processes": int, "process_id": int,
+    "distributed_timeout": float,
+}
 
 
 # --- validation
@@ -175,35 +98,33 @@ def parse_box(spec: str):
   return top, left, height, width
 
 
-def _type_name(value) -> str:
-  return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
-      type(value), type(value).__name__)
+_TYPE_NAMES = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _is(value, kind: type) -> bool:
+  """Whether `value` is of the schema's `kind`: a bool is not a number, an int is a float."""
+  if kind is bool or isinstance(value, bool):
+    return kind is bool and isinstance(value, bool)
+  return isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
 
 
 def validate(c: ml_collections.ConfigDict, mode: str = "train_and_score") -> None:
   """Every key of `c`, alone and against each other: raises ConfigError listing each mistake
   on its own line. Nothing here reads data, starts JAX or writes anything."""
-  from hw8jax import cpu_tuning, models
-
   problems = []
   if mode not in MODES:
     problems.append(f"--mode={mode}: use one of {', '.join(MODES)}")
   if "model" not in c or not isinstance(c.model, str):
     raise ConfigError("config: no model name (key 'model')")
-  flat, known = flatten(c), flatten(base_config(c.model))
-  for key in flat.keys() - known.keys():
-    near = difflib.get_close_matches(key, known, n=1)
+  flat = flatten(c)
+  for key in flat.keys() - SCHEMA.keys():
+    near = difflib.get_close_matches(key, SCHEMA, n=1)
     problems.append(f"{key}: no such config key" + (f"; did you mean {near[0]}?" if near else ""))
-  for key in known.keys() - flat.keys():
-    problems.append(f"{key}: missing from the config (start from hw8jax.config.base_config)")
-  for key in sorted(flat.keys() & known.keys()):
-    want, got = known[key], flat[key]
-    ok = isinstance(got, bool) if isinstance(want, bool) else \
-        (isinstance(got, (int, float)) and not isinstance(got, bool)) if isinstance(want, float) \
-        else (isinstance(got, int) and not isinstance(got, bool)) if isinstance(want, int) \
-        else isinstance(got, type(want))
-    if not ok:
-      problems.append(f"{key}={got!r}: must be {_type_name(want)}")
+  for key in SCHEMA.keys() - flat.keys():
+    problems.append(f"{key}: missing from the config (start from hw8jax.get_config)")
+  for key in sorted(flat.keys() & SCHEMA.keys()):
+    if not _is(flat[key], SCHEMA[key]):
+      problems.append(f"{key}={flat[key]!r}: must be {_TYPE_NAMES[SCHEMA[key]]}")
   if problems:
     raise ConfigError("\n".join(problems))
 

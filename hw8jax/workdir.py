@@ -24,6 +24,7 @@ import ml_collections
 
 from hw8jax import atomic, checkpoint, metrics, report
 from hw8jax import config as config_lib
+from hw8jax.configs import default
 from hw8jax.errors import UserError
 
 RECORD = "config.json"
@@ -123,7 +124,7 @@ def trained_config(workdir: str) -> ml_collections.ConfigDict | None:
     record = report.read_json(path)
     if isinstance(record, dict) and isinstance(record.get("model"), str):
       # On today's defaults: a record written before a key existed gets the key's default.
-      config = config_lib.base_config(record["model"])
+      config = default.for_model(record["model"])
       known = config_lib.flatten(config)
       config.update_from_flattened_dict({k: v for k, v in config_lib.flatten(record).items()
                                          if k in known})

@@ -110,10 +110,10 @@ def built(variant: str, seed: int):
   import jax
   from flax import nnx
 
-  from hw8jax import config as config_lib
   from hw8jax.assemble import assemble
+  from hw8jax.configs import default
 
-  model = assemble(config_lib.base_config(variant), key=jax.random.key(seed))
+  model = assemble(default.for_model(variant), key=jax.random.key(seed))
   return nnx.merge(model.train_def, *model.state)
 
 
@@ -129,9 +129,9 @@ def quick_config(variant: str, data_dir: str, labels: str | None = None):
   """`configs/<any>.py:quick` for `variant` on `data_dir` (the synthetic set's labels by
   default; "" for none), without figures (about 0.3 s each; the tests that look at them turn
   them on)."""
-  from hw8jax import config as config_lib
+  from hw8jax.configs import default
 
-  c = config_lib.apply_arg(config_lib.base_config(variant), "quick")
+  c = default.for_model(variant, "quick")
   c.figures = False
   c.data.dir = data_dir
   c.data.test_labels = os.path.join(data_dir, "testing_labels.npy") if labels is None else labels

@@ -84,11 +84,11 @@ def _losses(workdir):
 
 def _params(workdir):
   """Params, restored onto this process's one device."""
-  from hw8jax import config as config_lib
   from hw8jax.assemble import assemble
+  from hw8jax.configs import default
   from hw8jax.runtime import make_mesh
 
-  model = assemble(config_lib.base_config("tiny"), "checkpoint", workdir=str(workdir),
+  model = assemble(default.for_model("tiny"), "checkpoint", workdir=str(workdir),
                    which="latest", mesh=make_mesh())
   assert model.step == STEPS
   return jax.tree.leaves(model.params)

@@ -103,11 +103,11 @@ def test_the_config_seed_alone_draws_the_initial_weights(seed):
   """runtime.run_keys / assemble, as a run initialises: the same seed gives the same
   weights; another seed changes every tensor (none is drawn from a fixed key); the run's init,
   noise and scoring keys are three different keys."""
-  from hw8jax import config as config_lib
   from hw8jax import runtime
   from hw8jax.assemble import assemble
+  from hw8jax.configs import default
 
-  c = config_lib.base_config("ta_vae")
+  c = default.for_model("ta_vae")
 
   def weights(s):
     return [np.asarray(a) for a in jax.tree.leaves(assemble(
@@ -128,9 +128,9 @@ def test_weights_drawn_under_cpu_fast_paths_are_jax_default_threefry_bits(seed):
   cpu_fast_paths: JAX's own threefry bits, splits and folds, bit for bit, from a program without
   the while loop of JAX's CPU form. Through assemble: the same weights with the fast path
   on and off."""
-  from hw8jax import config as config_lib
   from hw8jax import cpu_tuning
   from hw8jax.assemble import assemble
+  from hw8jax.configs import default
 
   key = jax.random.key(seed)
   fused = cpu_tuning.draw_key(key, "on")
@@ -147,7 +147,7 @@ def test_weights_drawn_under_cpu_fast_paths_are_jax_default_threefry_bits(seed):
   program = jax.jit(lambda k: jax.random.uniform(k, (1000,))).lower(fused).as_text()
   assert "while" not in program
 
-  c = config_lib.base_config("ta_vae")
+  c = default.for_model("ta_vae")
   weights = {}
   for setting in ("on", "off"):
     c.cpu_fast_paths = setting

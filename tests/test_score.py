@@ -13,8 +13,8 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from hw8jax import config as config_lib
 from hw8jax import data, evaluate, report
+from hw8jax.configs import default
 from hw8jax.data.demo import make_synthetic, synthetic_images
 from hw8jax.main import run
 from hw8jax.score import image_error, make_scorer, score_images
@@ -135,7 +135,7 @@ def test_outputs_and_figures_are_written(trained):
 
 def test_best_and_latest_checkpoints_both_score(trained):
   workdir = trained[0]
-  c = config_lib.base_config("tiny")
+  c = default.for_model("tiny")
   from hw8jax.assemble import assemble
   from hw8jax.runtime import make_mesh
 

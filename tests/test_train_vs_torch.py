@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hw8jax import config as config_lib
 from hw8jax import data, models, train_step
+from hw8jax.configs import default
 from hw8jax.data.demo import synthetic_images
 from hw8jax.torch_import import load_state_dict
 
@@ -29,7 +29,7 @@ def transformers_lr(base, step, warmup, total):
 
 @pytest.mark.parametrize("total", [50, 20 * 50, 2500, 7])
 def test_warmup_cosine_equals_transformers_at_every_step(total):
-  c = config_lib.base_config("fcn_boss")
+  c = default.for_model("fcn_boss")
   c.schedule.name = "warmup_cosine"
   schedule = train_step.make_schedule(c, total)
   warmup = int(1.15 * 0.1 * total)
@@ -55,7 +55,7 @@ def test_torch_lambda_lr_sees_the_same_rate_per_optimizer_step():
     seen.append(opt.param_groups[0]["lr"])
     opt.step()
     sched.step()
-  c = config_lib.base_config("fcn_boss")
+  c = default.for_model("fcn_boss")
   c.schedule.name = "warmup_cosine"
   schedule = train_step.make_schedule(c, total)
   np.testing.assert_allclose([float(schedule(s)) for s in range(total)], seen, rtol=1e-5,
@@ -119,7 +119,7 @@ def _follow_pytorch(variant, schedule, rel, seed, steps=20, batch=16):
   params, stats = jax.tree.map(lambda a: a.astype(np.float64), (params, stats))
   ref.double()
 
-  c = config_lib.base_config(variant)
+  c = default.for_model(variant)
   c.schedule.name = schedule
   sched = train_step.make_schedule(c, steps)
   tx = train_step.make_optimizer(c, sched)
