@@ -46,7 +46,6 @@ from flax import nnx
 from hw8jax import cpu_tuning, data, models, train_step
 from hw8jax.configs import default
 from hw8jax.data.demo import make_demo, synthetic_images
-from hw8jax.score import make_scorer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
@@ -90,7 +89,7 @@ def bench_variant(variant: str, batch: int, score_batch: int, reps: int, workers
   times = timing.alternate([jax_train, *(lambda w=w: w(("train",)) for w in workers)], reps)
   train_row = tuple(batch / t for t in times)
 
-  scorer = make_scorer(model.eval_def, stochastic=models.variant(variant).stochastic)
+  scorer = model.scorer
   s_u8 = jax.device_put(imgs[:score_batch])
   index = jax.numpy.arange(score_batch)
   key = jax.random.key(0)
@@ -242,7 +241,8 @@ def bench_epoch(num_images: int, batch: int, worker):
   cfg = default.for_model("fcn_boss")
   cfg.schedule.name = "warmup_cosine"
   tx = train_step.make_optimizer(cfg, train_step.make_schedule(cfg, steps))
-  step = jax.jit(train_step.make_train_step(graphdef, tx, "fcn_boss", data.crop_transform,
+  step = jax.jit(train_step.make_train_step(graphdef, tx, models.variant("fcn_boss").loss,
+                                            data.crop_transform,
                                        jax.random.key(0)), donate_argnums=0)
   state = train_step.init_state(params, stats, tx)
   # Compile outside the timed epoch, as a long run amortises it.

@@ -28,7 +28,6 @@ from hw8jax import data, models, train_step
 from hw8jax.configs import default
 from hw8jax.data.demo import synthetic_images
 from hw8jax.models import layers
-from hw8jax.score import make_scorer
 
 
 def variant_rates(variant: str, batch: int, score_batch: int, reps: int, images) -> dict:
@@ -39,12 +38,11 @@ def variant_rates(variant: str, batch: int, score_batch: int, reps: int, images)
   trains, scores = [], []
   for setting in ("off", "on"):
     model = timing.assembled(variant, setting)
-    train_def, eval_def = model.train_def, model.eval_def
+    train_def = model.train_def
     # Copies: the step donates its state, and the scorer still reads params and stats.
     trains.append(timing.train_step_runner(
         variant, train_def, *jax.tree.map(jnp.copy, (params, stats)), x)[0])
-    scorer = make_scorer(eval_def, stochastic=models.variant(variant).stochastic,
-                         fast_paths=setting)
+    scorer = model.scorer
     scores.append(lambda scorer=scorer: jax.block_until_ready(
         scorer((params, stats), xs, index, key)))
   t_train, t_score = timing.alternate(trains, reps), timing.alternate(scores, reps)
@@ -59,7 +57,8 @@ def epoch_seconds(images, batch: int, compute_dtype) -> float:
   tx = train_step.make_optimizer(cfg, train_step.make_schedule(cfg, steps))
   model = timing.assembled("fcn_boss")
   train_def, (params, stats) = model.train_def, model.state
-  step = jax.jit(train_step.make_train_step(train_def, tx, "fcn_boss", data.crop_transform,
+  step = jax.jit(train_step.make_train_step(train_def, tx, models.variant("fcn_boss").loss,
+                                            data.crop_transform,
                                        jax.random.key(0), compute_dtype), donate_argnums=0)
   state, m = step(train_step.init_state(params, stats, tx), jnp.asarray(images[:batch]))
   jax.block_until_ready(m)
@@ -79,7 +78,7 @@ def conv_transpose_ms(batch: int, reps: int) -> list:
     fns = []
     for setting in ("off", "on"):
       layer = layers.conv_transpose(cin, cout, rngs=nnx.Rngs(0))
-      layer.fast_paths = setting
+      layer.fast_paths = setting == "on"
       graphdef, state = nnx.split(layer)
       grad = jax.jit(jax.grad(lambda s, x, g=graphdef: jnp.sum(nnx.merge(g, s)(x) ** 2),
                               argnums=(0, 1)))

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hw8jax import data, train_step
-from hw8jax.assemble import assemble
+from hw8jax.assemble import assemble, plan
 from hw8jax.configs import default
 
 
@@ -76,12 +76,13 @@ def main():
   cfg = default.for_model("fcn_boss")
   cfg.schedule.name = "warmup_cosine"
   tx = train_step.make_optimizer(cfg, train_step.make_schedule(cfg, 1000))
-  model = assemble(cfg, key=jax.random.key(0))
-  train_def, (params, stats) = model.train_def, model.state
+  run = plan(cfg)
+  model = assemble(run, key=jax.random.key(0))
+  train_def, (params, stats), loss = model.train_def, model.state, run.variant.loss
   key = jax.random.key(0)
   with_transform = jax.jit(train_step.make_train_step(
-      train_def, tx, "fcn_boss", data.crop_transform, key), donate_argnums=0)
-  no_transform = jax.jit(train_step.make_train_step(train_def, tx, "fcn_boss", lambda x: x, key),
+      train_def, tx, loss, data.crop_transform, key), donate_argnums=0)
+  no_transform = jax.jit(train_step.make_train_step(train_def, tx, loss, lambda x: x, key),
                          donate_argnums=0)
   state_a = train_step.init_state(params, stats, tx)
   state_b = jax.tree.map(jnp.copy, state_a)

@@ -23,9 +23,7 @@ import jax
 import jax.numpy as jnp
 import timing
 
-from hw8jax import models
 from hw8jax.data.demo import synthetic_images
-from hw8jax.score import make_scorer
 
 
 def compiled_call(variant: str, batch: int, score: bool):
@@ -34,7 +32,7 @@ def compiled_call(variant: str, batch: int, score: bool):
   model = timing.assembled(variant)
   images = jax.device_put(synthetic_images(batch, 0))
   if score:
-    fn = make_scorer(model.eval_def, stochastic=models.variant(variant).stochastic)
+    fn = model.scorer
     args = [model.state, images, jnp.arange(batch), jax.random.key(0)]
     return fn, lambda: args, lambda: jax.block_until_ready(fn(*args))
   run, fn, current = timing.train_step_runner(variant, model.train_def, *model.state, images)

@@ -12,7 +12,7 @@ import time
 import jax
 
 from hw8jax import data, runtime, train_step
-from hw8jax.assemble import Assembled, assemble
+from hw8jax.assemble import Assembled, assemble, plan
 from hw8jax.configs import default
 
 
@@ -47,7 +47,7 @@ def assembled(variant: str, fast_paths: str = "auto", init_from: str = "") -> As
   `init_from`, its convs following `fast_paths`."""
   cfg = default.for_model(variant)
   cfg.cpu_fast_paths, cfg.init_from = fast_paths, init_from
-  return assemble(cfg, key=jax.random.key(0))
+  return assemble(plan(cfg), key=jax.random.key(0))
 
 
 def train_step_runner(variant: str, train_def, params, stats, images, compiler_options=None):
@@ -55,12 +55,13 @@ def train_step_runner(variant: str, train_def, params, stats, images, compiler_o
   normalised in the step) and blocking on its loss; and one giving the step's current
   arguments. Compiled as a run compiles it, or with the XLA `compiler_options` given instead of
   the run's. The step donates its state: `params` and `stats` are used up."""
-  cfg = default.for_model(variant)
-  tx = train_step.make_optimizer(cfg, train_step.make_schedule(cfg, 100))
+  run = plan(default.for_model(variant))
+  tx = train_step.make_optimizer(run.config, train_step.make_schedule(run.config, 100))
   mesh = runtime.make_mesh()
-  step_fn = train_step.make_train_step(train_def, tx, variant, data.normalize, jax.random.key(0))
+  step_fn = train_step.make_train_step(train_def, tx, run.variant.loss, data.normalize,
+                                       jax.random.key(0))
   if compiler_options is None:
-    step = train_step.jit_train_step(step_fn, mesh, cfg.cpu_fast_paths)
+    step = train_step.jit_train_step(step_fn, mesh, run.fast_paths)
   else:
     step = jax.jit(step_fn, donate_argnums=0, compiler_options=compiler_options)
   state = train_step.init_state(params, stats, tx)

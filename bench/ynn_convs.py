@@ -32,7 +32,7 @@ def train_steps(variant: str, batch: int):
   """Two train-step runners of `variant` (YNNPACK convs, XLA's own), each blocking on its loss."""
   images = jax.device_put(synthetic_images(batch, 0))
   runs = []
-  for options in (YNN_CONVS["train_step"], cpu_tuning.compiler_options("on", "train_step")):
+  for options in (YNN_CONVS["train_step"], cpu_tuning.compiler_options(True, "train_step")):
     model = timing.assembled(variant)
     run, _, _ = timing.train_step_runner(variant, model.train_def, *model.state, images,
                                          compiler_options=options)
@@ -48,7 +48,7 @@ def scorers(variant: str, batch: int):
   args = (model.state, jax.device_put(synthetic_images(batch, 0)), jnp.arange(batch),
           jax.random.key(0))
   compiled = [jax.jit(score, compiler_options=options)
-              for options in (YNN_CONVS["scorer"], cpu_tuning.compiler_options("on", "scorer"))]
+              for options in (YNN_CONVS["scorer"], cpu_tuning.compiler_options(True, "scorer"))]
   return [lambda fn=fn: jax.block_until_ready(fn(*args)) for fn in compiled]
 
 

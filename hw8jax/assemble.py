@@ -1,24 +1,55 @@
-"""The one place a run's model is put together: its structure for a config, its weights from
-fresh draws, a PyTorch original's file (`init_from`) or a workdir's checkpoint, and its train
-and eval graphdefs. Training, scoring, `hw8jax.load`, the threshold and the benchmarks all take
-their model from `assemble`, so each follows the config's `cpu_fast_paths` alike."""
+"""A run's facts, resolved once (`Plan`), and the one place its model is put together.
+
+`plan(config)` resolves the variant, the transform, the keys, the compute dtype, what picks the
+best checkpoint and the CPU policy; `assemble(plan, ...)` builds the model with fresh draws, a
+PyTorch original's file (`init_from`) or a workdir's checkpoint, its train and eval graphdefs
+and its scorer. Training, scoring, `hw8jax.load` and the threshold all take their model from
+here, so each follows one policy.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
+import ml_collections
 from flax import nnx
 
-from hw8jax import checkpoint, cpu_tuning, models, runtime
+from hw8jax import checkpoint, cpu_tuning, data, models, runtime
+from hw8jax import config as config_lib
 from hw8jax.errors import UserError
+from hw8jax.score import make_scorer
+from hw8jax.torch_import import load_torch_weights
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What a run's stages take instead of looking each fact up again in the config."""
+  config: ml_collections.ConfigDict  # validated: the keys a stage reads as they are
+  variant: models.Variant            # builder, loss, whether it draws noise
+  transform: Callable                # uint8 images -> the model's input (data.get_transform)
+  keys: dict                         # init, noise, score (runtime.run_keys of the seed)
+  compute_dtype: object              # jnp.float32 or jnp.bfloat16
+  best_by: str                       # what picks the best checkpoint, "auto" resolved
+  fast_paths: bool                   # the CPU policy (cpu_tuning), fixed on the model's convs
+
+
+def plan(config: ml_collections.ConfigDict) -> Plan:
+  """The run of a validated `config`, resolved. Starts JAX's backend (the keys and the
+  policy's "auto" need it), so a multi-process run calls it after `runtime.init_distributed`."""
+  return Plan(config, models.variant(config.model), data.get_transform(config.data.transform),
+              runtime.run_keys(config.seed), runtime.COMPUTE_DTYPES[config.compute_dtype],
+              config_lib.best_by(config), cpu_tuning.cpu_fast_paths(config.cpu_fast_paths))
 
 
 @dataclasses.dataclass(frozen=True)
 class Assembled:
+  plan: Plan
   train_def: nnx.GraphDef    # BatchNorm on batch statistics (model.train())
   eval_def: nnx.GraphDef     # BatchNorm on running statistics (model.eval())
+  scorer: Callable           # score.make_scorer of eval_def, as the plan's config scores
   params: dict
   batch_stats: dict
   step: int                  # the checkpoint's step; 0 for fresh or PyTorch weights
@@ -30,48 +61,52 @@ class Assembled:
     return self.params, self.batch_stats
 
 
-def assemble(config, weights: str = "init", *, key: jax.Array | None = None,
+def assemble(run: Plan, weights: str = "init", *, key: jax.Array | None = None,
              workdir: str | None = None, which: str | None = None, mesh=None) -> Assembled:
-  """The model of `config` with `weights`:
-  - "init": what training starts from: the file of `config.init_from`, else weights drawn from
-    `key` (replicated over `mesh` if given);
+  """The model of the plan `run` with `weights`:
+  - "init": what training starts from: the file of `init_from`, else weights drawn from `key`
+    (default the plan's init key; replicated over `mesh` if given);
   - "checkpoint": the newest readable `which` checkpoint of `workdir` ("latest" or "best";
-    default `config.checkpoint.restore`), replicated over `mesh`;
+    default `checkpoint.restore`), replicated over `mesh`;
   - "scoring": what a scoring run scores: the `init_from` file while `workdir` has no such
     checkpoint, else the checkpoint (replicated over `mesh`)."""
+  config = run.config
   which = which or config.checkpoint.restore
   if weights == "scoring":
     weights = "init" if config.init_from and not checkpoint.exists(workdir, which) else \
         "checkpoint"
   if weights == "checkpoint":
-    return _restored(config, workdir, which, mesh)
+    return _restored(run, workdir, which, mesh)
   if weights != "init":
     raise ValueError(f"weights {weights!r}: use init, checkpoint or scoring")
   if config.init_from:
-    from hw8jax.torch_import import load_torch_weights
-
     model = load_torch_weights(config.model, config.init_from)
-    found = _split(model, config, 0, f"the PyTorch weights in {config.init_from}")
+    found = _split(model, run, 0, f"the PyTorch weights in {config.init_from}")
   else:
-    model = _drawn(config.model, cpu_tuning.draw_key(key, config.cpu_fast_paths))
-    found = _split(model, config, 0, "fresh weights")
+    key = run.keys["init"] if key is None else key
+    model = _drawn(run.variant, cpu_tuning.draw_key(key, run.fast_paths))
+    found = _split(model, run, 0, "fresh weights")
   if mesh is None:
     return found
   params, stats = jax.device_put(found.state, runtime.replicated(mesh))
   return dataclasses.replace(found, params=params, batch_stats=stats)
 
 
-def _split(model: nnx.Module, config, step: int, source: str) -> Assembled:
-  models.set_fast_paths(model, config.cpu_fast_paths)
+def _split(model: nnx.Module, run: Plan, step: int, source: str) -> Assembled:
+  models.set_fast_paths(model, run.fast_paths)
   model.train()
   train_def, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   model.eval()
-  return Assembled(train_def, nnx.graphdef(model), params, stats, step, source)
+  eval_def, score = nnx.graphdef(model), run.config.score
+  scorer = make_scorer(eval_def, metric=score.metric, topk=score.topk, sample=score.sample,
+                       stochastic=run.variant.stochastic, transform=run.transform,
+                       compute_dtype=run.compute_dtype, fast_paths=run.fast_paths)
+  return Assembled(run, train_def, eval_def, scorer, params, stats, step, source)
 
 
-def _drawn(variant: str, key: jax.Array) -> nnx.Module:
+def _drawn(variant: models.Variant, key: jax.Array) -> nnx.Module:
   """A fresh model, its weights drawn by one compiled program (`_draw_program`)."""
-  program, graphdefs = _draw_program(models.variant(variant).build)
+  program, graphdefs = _draw_program(variant.build)
   state = program(key)  # traces on first use, which sets graphdefs
   return nnx.merge(graphdefs[0], state)
 
@@ -80,12 +115,10 @@ def _drawn(variant: str, key: jax.Array) -> nnx.Module:
 def _draw_program(build) -> tuple:
   """(jitted draw(key) -> state, [graphdef]) for a variant's builder, kept for the process:
   a second model of the same variant (a notebook's next `fit`, a test's next run) reuses the
-  trace and the compiled program (multi_encoder: 1.6 s of tracing and 1.5 s of lowering each
-  time otherwise). Op by op, initialisation ran dozens of small programs, each compiled on
-  first use (fcn_boss 3.9 s, multi_encoder 16 s, resnet_boss 13 s on 2 cores). Compiled at
-  LLVM optimisation level 1: 1.7 s, 5.4 s and 4.2 s (level 2: 2.1 s, 12.6 s, 10 s). The draws
-  equal the op-by-op ones bit for bit, except that resnet_boss's normal draws may differ in the
-  last bit (at any level)."""
+  trace and the compiled program. Op by op, initialisation ran dozens of small programs, each
+  compiled on first use; as one program at LLVM optimisation level 1 it compiles fastest
+  (docs/performance.md). The draws equal the op-by-op ones bit for bit, except that
+  resnet_boss's normal draws may differ in the last bit (at any level)."""
   graphdefs = []  # the graphdef is static: kept from the trace (fcn_boss: 0.14 s a trace)
 
   def draw(key):
@@ -96,12 +129,12 @@ def _draw_program(build) -> tuple:
   return jax.jit(draw, compiler_options={"xla_backend_optimization_level": 1}), graphdefs
 
 
-def _restored(config, workdir: str, which: str, mesh) -> Assembled:
+def _restored(run: Plan, workdir: str, which: str, mesh) -> Assembled:
   """From the newest readable checkpoint: params and BatchNorm statistics only (scoring needs
   neither the optimiser state nor the config that shaped it), laid out over `mesh` whatever
   device count wrote them."""
-  shape = _split(nnx.eval_shape(lambda: models.build(config.model, rngs=nnx.Rngs(0))), config,
-                 0, "")
+  config = run.config
+  shape = _split(nnx.eval_shape(lambda: run.variant.build(rngs=nnx.Rngs(0))), run, 0, "")
   target = checkpoint.abstract({"params": shape.params, "batch_stats": shape.batch_stats},
                                runtime.replicated(mesh))
   mngrs = checkpoint.managers(workdir, config.checkpoint.keep)

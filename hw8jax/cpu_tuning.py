@@ -1,21 +1,31 @@
-"""hw8jax's CPU tuning, switched by the config's `cpu_fast_paths` ("auto": on JAX's CPU backend
-only; "on"; "off": XLA's own forms and defaults everywhere). Each piece was measured; the table
-in docs/performance.md lists what it gains and costs.
+"""hw8jax's CPU tuning, one policy switched by the config's `cpu_fast_paths`.
 
-- conv forms (`hw8jax.models.convolution`, `layers.ConvTranspose`): asked through
-  `cpu_fast_paths(setting)`;
+The setting ("auto": on JAX's CPU backend only; "on"; "off": XLA's own forms and defaults
+everywhere) is resolved once, by `cpu_fast_paths`, into the run's policy (`assemble.Plan`), a
+bool every piece below takes. Each piece was measured; docs/performance.md lists what it gains
+and costs.
+
+- conv forms (`hw8jax.models.convolution`, `layers.ConvTranspose`), fixed on a model's convs
+  when it is assembled (`models.set_fast_paths`);
 - `compiler_options`: what XLA's CPU backend hands to YNNPACK in the train step and the scorer;
 - `draw_key`: the initial weights' threefry bits computed in one fused loop (the same bits);
 - `tune_allocator`: glibc malloc keeping the large blocks XLA frees each step. Process-wide, so
-  only a process's entry point calls it (launch.py, the benchmarks), before JAX starts.
+  only a process's entry point calls it (launch.py, the benchmarks), before JAX starts, with
+  the setting (it predicts the backend rather than start it).
+
+Always on, on every backend, so not behind the switch: the 3x3 stride-2 max pool as the maximum
+of nine strided windows with its own gradient (`models.layers.max_pool_3x3_s2`), which is also
+how PyTorch's gradient treats ties (the first maximum of a window takes it).
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.metadata
 import importlib.util
 import math
+import pkgutil
 import platform
 
 import jax
@@ -38,20 +48,34 @@ def cpu_fast_paths(setting: str) -> bool:
   return setting == "on" or (setting == "auto" and jax.default_backend() == "cpu")
 
 
+def predicted_fast_paths(setting: str) -> bool:
+  """The policy `cpu_fast_paths(setting)` gives, told without starting JAX's backend: what a
+  model's convs follow from when they are built until a run assembles them, and what the
+  allocator is tuned by (a multi-process run must not start the backend before
+  `jax.distributed.initialize`, and a model may be built, or registered, before it)."""
+  return setting == "on" or (setting == "auto" and _cpu_backend_expected())
+
+
 def _cpu_backend_expected() -> bool:
   """Whether JAX will run on its CPU backend, told without starting a backend: the first
   platform JAX was asked for, else whether any accelerator plugin (CUDA, ROCm, TPU) is
   installed for JAX to find."""
   if jax.config.jax_platforms:
     return jax.config.jax_platforms.split(",")[0] == "cpu"
+  return not _accelerators_installed()
+
+
+@functools.cache
+def _accelerators_installed() -> bool:
+  """Whether a JAX plugin or libtpu is installed; kept for the process (every conv a model
+  builds asks, and the search reads every installed package's metadata)."""
   plugins = {e.name for e in importlib.metadata.entry_points(group="jax_plugins")}
   if importlib.util.find_spec("jax_plugins") is not None:
-    import pkgutil
-
+    # Optional: the namespace package exists only where a plugin is installed.
     import jax_plugins
 
     plugins |= {m.name for m in pkgutil.iter_modules(jax_plugins.__path__)}
-  return not plugins and importlib.util.find_spec("libtpu") is None
+  return bool(plugins) or importlib.util.find_spec("libtpu") is not None
 
 
 # glibc's mallopt parameters (malloc.h).
@@ -67,7 +91,7 @@ def tune_allocator(setting: str) -> bool:
   free space at its top is kept. Only of use before JAX's backend starts (its threads pick their
   arenas then): the caller owns the process and calls it first ("auto" predicts the backend
   rather than starting it). True when applied; glibc Linux only (elsewhere a no-op)."""
-  if setting != "on" and not (setting == "auto" and _cpu_backend_expected()):
+  if not predicted_fast_paths(setting):
     return False  # "off", or a setting config.validate will name
   if platform.libc_ver()[0] != "glibc":
     return False
@@ -84,10 +108,10 @@ def tune_allocator(setting: str) -> bool:
 YNN_FUSIONS = {"train_step": ("INDIVIDUAL_DOT", "REDUCE"), "scorer": ("INDIVIDUAL_DOT",)}
 
 
-def compiler_options(setting: str, program: str) -> dict:
-  """XLA options for compiling `program` ("train_step" or "scorer") under the `cpu_fast_paths`
-  setting: on CPU, what YNNPACK takes (`YNN_FUSIONS`); elsewhere or with "off", XLA's defaults."""
-  if not cpu_fast_paths(setting) or jax.default_backend() != "cpu":
+def compiler_options(fast_paths: bool, program: str) -> dict:
+  """XLA options for compiling `program` ("train_step" or "scorer") under the run's policy
+  `fast_paths`: on CPU, what YNNPACK takes (`YNN_FUSIONS`); elsewhere or off, XLA's defaults."""
+  if not fast_paths or jax.default_backend() != "cpu":
     return {}
   return {"xla_cpu_experimental_ynn_fusion_type":
           ",".join(f"LIBRARY_FUSION_TYPE_{kind}" for kind in YNN_FUSIONS[program])}
@@ -130,11 +154,10 @@ FUSED_THREEFRY = define_prng_impl(
     random_bits=_fused_random_bits, name="hw8jax_fused_threefry2x32", tag="hw8fry")
 
 
-def draw_key(key: jax.Array, setting: str) -> jax.Array:
-  """`key` as a model's weights are drawn with it. Under the `cpu_fast_paths` setting, its
+def draw_key(key: jax.Array, fast_paths: bool) -> jax.Array:
+  """`key` as a model's weights are drawn with it. Under the run's policy `fast_paths`, its
   threefry bits come from one fused loop (`FUSED_THREEFRY`): the same bits, bit for bit, as JAX's
-  CPU form, which goes through memory five times (fcn_boss's 122 M weights: 1.1 s -> 0.22 s on
-  2 cores; its draw program also compiles in 1.34 s instead of 1.83 s)."""
-  if not cpu_fast_paths(setting):
+  CPU form, which goes through memory five times (docs/performance.md)."""
+  if not fast_paths:
     return key
   return jax.random.wrap_key_data(jax.random.key_data(key), impl=FUSED_THREEFRY)

@@ -18,14 +18,13 @@ from collections.abc import Callable
 import jax
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from hw8jax import config as config_lib
-from hw8jax import data, report, runtime
+from hw8jax import report, runtime
 from hw8jax import workdir as workdir_lib
-from hw8jax.assemble import assemble
+from hw8jax.assemble import Assembled, assemble, plan
 from hw8jax.errors import UserError
-from hw8jax.score import autoencode, batch_size_for, score_images, scorer_for
+from hw8jax.score import autoencode, batch_size_for, score_images
 
 THRESHOLD_FILE = "threshold.json"
 RECONSTRUCT_BATCH = 256
@@ -33,18 +32,26 @@ RECONSTRUCT_BATCH = 256
 
 @dataclasses.dataclass(frozen=True)
 class Detector:
-  """A model restored from a workdir, with the config it scores with (the training run's, with
-  the score keys of the workdir's last scoring run)."""
-  config: ml_collections.ConfigDict
-  step: int
-  graphdef: nnx.GraphDef
-  state: tuple  # (params, batch_stats), replicated over `mesh`
+  """A model restored from a workdir, assembled from the plan it scores with (the training
+  run's config, with the score keys of the workdir's last scoring run)."""
+  model: Assembled                # its plan, graphdefs, scorer and weights
   mesh: jax.sharding.Mesh
   threshold: float | None = None  # threshold.json's, where it is of this checkpoint
   no_threshold: str = ""          # why `threshold` is None, in one line
-  scorer: Callable | None = None
   reconstructor: Callable | None = None
-  weights: str = ""               # which checkpoint, as the outputs say it
+
+  @property
+  def config(self) -> ml_collections.ConfigDict:
+    return self.model.plan.config
+
+  @property
+  def step(self) -> int:
+    return self.model.step
+
+  @property
+  def weights(self) -> str:
+    """Which checkpoint, as the outputs say it."""
+    return self.model.source
 
   def score(self, images) -> np.ndarray:
     """(N,) float32 anomaly scores of uint8 images (N, 64, 64, 3); image i's sampling noise is
@@ -52,9 +59,10 @@ class Detector:
     images = _checked(images)
     if not len(images):
       return np.zeros(0, np.float32)
-    return score_images(self.scorer, self.state, images, batch_size=self.config.score.batch_size,
-                        key=runtime.run_keys(self.config.seed)["score"], mesh=self.mesh,
-                        weights=self.weights)
+    model = self.model
+    return score_images(model.scorer, model.state, images,
+                        batch_size=self.config.score.batch_size, key=model.plan.keys["score"],
+                        mesh=self.mesh, weights=model.source)
 
   decision_function = score  # PyOD's name: higher is more anomalous
 
@@ -71,8 +79,8 @@ class Detector:
     x = _checked(images)
     if not len(x):
       return np.zeros((0, 64, 64, 3), np.float32)
-    local = jax.tree.map(lambda a: a.addressable_data(0), self.state)
-    transform = data.get_transform(self.config.data.transform)
+    local = jax.tree.map(lambda a: a.addressable_data(0), self.model.state)
+    transform = self.model.plan.transform
     size = batch_size_for(RECONSTRUCT_BATCH, len(x))
     out = []
     for i in range(0, len(x), size):  # padded to `size`: one program per detector and size
@@ -115,7 +123,7 @@ def load(workdir: str, which: str | None = None) -> Detector:
   which = which or scored_which or "latest"
   runtime.use_compilation_cache(config.compilation_cache)
   mesh = runtime.make_mesh()
-  model = assemble(config, "checkpoint", workdir=workdir, which=which, mesh=mesh)
+  model = assemble(plan(config), "checkpoint", workdir=workdir, which=which, mesh=mesh)
   threshold, why = scored.get("threshold"), ""
   if threshold is None:
     why = f"no threshold: {workdir} has no {THRESHOLD_FILE}; score it first (--mode=score or " \
@@ -125,8 +133,7 @@ def load(workdir: str, which: str | None = None) -> Detector:
     why = (f"no threshold: {path} is of the {scored_which} checkpoint (step "
            f"{scored.get('step')}), this detector holds {model.source}; score the workdir "
            f"again with checkpoint.restore={which}, or load it without `which`")
-  return Detector(config, model.step, model.eval_def, model.state, mesh, threshold, why,
-                  scorer_for(config, model.eval_def), autoencode(model.eval_def), model.source)
+  return Detector(model, mesh, threshold, why, autoencode(model.eval_def))
 
 
 def _scoring_record(path: str, config: ml_collections.ConfigDict) -> dict:

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from hw8jax import config as config_lib
-from hw8jax import data, evaluate
+from hw8jax import evaluate
+from hw8jax.assemble import Assembled
 from hw8jax.runtime import log
-from hw8jax.score import autoencode, score_images, scorer_for
+from hw8jax.score import autoencode, score_images
 
 # What `checkpoint.best_by` names: the record's key, and +1 where higher is better.
 BEST_BY = {"val_score": ("val_score", -1.0), "train_loss": ("epoch_mean_loss", -1.0),
@@ -22,13 +22,14 @@ class EpochEvaluator:
   """`run(model_state) -> {"val_score", "test_auc"}` (each where there is what it needs),
   `quality(record)` (higher is better, by `best_by`) and `grid(model_state)`."""
 
-  def __init__(self, config, eval_def, train_images, val_index, test_images, test_labels,
-               *, key, mesh):
-    self.config, self.key, self.mesh = config, key, mesh
+  def __init__(self, model: Assembled, train_images, val_index, test_images, test_labels,
+               *, mesh):
+    run = model.plan
+    self.config, self.key, self.mesh = run.config, run.keys["score"], mesh
     self.val_images = np.asarray(train_images[val_index]) if len(val_index) else None
     reason = evaluate.single_class(test_labels) if test_labels is not None else None
     with_labels = test_labels is not None and reason is None
-    self.best_by = config_lib.best_by(config)
+    self.best_by = run.best_by
     if reason:
       log(f"no test AUC: {reason}" + ("; the best checkpoint follows the epoch loss"
                                       if self.best_by == "test_auc" else ""))
@@ -36,10 +37,9 @@ class EpochEvaluator:
     if self.val_images is not None:
       log(f"validation: {len(self.val_images)} held-out training images, never trained on")
     self.test = (test_images, test_labels) if with_labels else None
-    self.scorer = scorer_for(config, eval_def) if self.val_images is not None or with_labels \
-        else None
-    self.transform = data.get_transform(config.data.transform)
-    self.reconstruct = autoencode(eval_def)
+    self.scorer = model.scorer
+    self.transform = run.transform
+    self.reconstruct = autoencode(model.eval_def)
     self.grid_images = None if test_images is None or not len(test_images) else \
         np.asarray(test_images[:GRID_IMAGES])
 

@@ -12,6 +12,7 @@ import ml_collections
 from hw8jax import atomic, checkpoint, data, runtime, train
 from hw8jax import config as config_lib
 from hw8jax import workdir as workdir_lib
+from hw8jax.assemble import plan
 from hw8jax.errors import UserError
 from hw8jax.score_run import score_run
 
@@ -35,6 +36,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train_and_
   inputs = data.open_run_data(config, workdir)  # headers only (the demo set is written once)
   config_lib.check_run_facts(config, mode, num_devices=jax.device_count(),
                              num_train=len(inputs.train), train_path=inputs.train_path)
+  run_plan = plan(config)  # the run's facts, resolved once: every stage takes them
   held = workdir_lib.lock(workdir) if runtime.is_main_process() else contextlib.nullcontext()
   # Explicit, because the default on GPUs computes float32 matmuls in TF32 (PyTorch's default
   # does not); "highest" keeps float32 runs float32. It changes nothing on CPU.
@@ -45,7 +47,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train_and_
                              (inputs.train_path, train_set) if training else None)
     if training:
       checkpoint.check_writable(workdir)
-      train.train(config, workdir, inputs.train, inputs.test, inputs.labels, train_set=train_set)
+      train.train(run_plan, workdir, inputs.train, inputs.test, inputs.labels,
+                  train_set=train_set)
     if mode in ("score", "train_and_score"):
-      return score_run(config, workdir, inputs)
+      return score_run(run_plan, workdir, inputs)
   return None

@@ -1,5 +1,7 @@
-"""Anomaly scores: one scorer factory, used by training-time evaluation, scoring runs, the
-detector and the benchmarks; and the one jitted decode(encode(x)).
+"""Anomaly scores: the one scorer factory and the one jitted decode(encode(x)).
+
+Training-time evaluation, scoring runs, the detector and the benchmarks all score with
+`make_scorer` (an assembled model carries its scorer, `assemble.Assembled.scorer`).
 
 The score of an image is its reconstruction error on normalised (transformed) images:
 - "l2" (default, the sample code's): sqrt(sum over pixels and channels of (recon - x)^2);
@@ -23,7 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from hw8jax import cpu_tuning, data, models, runtime
+from hw8jax import cpu_tuning, data, runtime
 from hw8jax.config import METRICS
 from hw8jax.errors import NonFinite
 
@@ -48,13 +50,13 @@ def _unknown_metric(metric: str) -> ValueError:
 
 def make_scorer(graphdef, *, metric: str = "l2", topk: int = 256, sample: bool = True,
                 stochastic: bool = True, transform=data.normalize,
-                compute_dtype=jnp.float32, fast_paths: str = "auto"):
+                compute_dtype=jnp.float32, fast_paths: bool = False):
   """jit(fn(model_state, images_uint8, index, key) -> (B,) float32 scores).
 
   `graphdef` must be of a model in eval mode; `model_state` is its (params, batch_stats);
   `index` holds each image's index in its file. With `sample`, image i's noise is keyed by
   fold_in(key, i) (`models.layers.normal`); `stochastic=False` (a model that draws no noise)
-  skips the keys. `fast_paths` is the `cpu_fast_paths` setting (it chooses XLA's options).
+  skips the keys. `fast_paths` is the run's CPU policy (it chooses XLA's options).
   """
   if metric not in METRICS:  # now, not at the first batch
     raise _unknown_metric(metric)
@@ -77,16 +79,6 @@ def make_scorer(graphdef, *, metric: str = "l2", topk: int = 256, sample: bool =
         recon.astype(jnp.float32), x)
 
   return score
-
-
-def scorer_for(config, eval_def):
-  """The scorer a config describes, for the eval graphdef of its model."""
-  return make_scorer(eval_def, metric=config.score.metric, topk=config.score.topk,
-                     sample=config.score.sample,
-                     stochastic=models.variant(config.model).stochastic,
-                     transform=data.get_transform(config.data.transform),
-                     compute_dtype=runtime.COMPUTE_DTYPES[config.compute_dtype],
-                     fast_paths=config.cpu_fast_paths)
 
 
 def batch_size_for(batch_size: int, num_images: int, devices: int = 1) -> int:

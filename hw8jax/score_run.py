@@ -13,16 +13,17 @@ from flax import nnx
 from hw8jax import config as config_lib
 from hw8jax import data, evaluate, figures, report, runtime
 from hw8jax import workdir as workdir_lib
-from hw8jax.assemble import assemble
-from hw8jax.score import autoencode, score_images, scorer_for
+from hw8jax.assemble import Assembled, Plan, assemble
+from hw8jax.score import autoencode, score_images
 
 THRESHOLD_SAMPLE = 2000  # training images scored for the threshold without a validation split
 
 
-def _threshold(config, inputs, scorer, model_state, mesh, weights: str) -> dict:
+def _threshold(model: Assembled, inputs, mesh) -> dict:
   """The `score.threshold_quantile` quantile of the scores of normal images the model did not
   train on (the held-out validation images) or, without a validation split, of a seeded sample
   of up to THRESHOLD_SAMPLE training images."""
+  config = model.plan.config
   num_train = len(inputs.train)
   held = config_lib.num_held_out(num_train, config.data.val_fraction)
   if held:
@@ -32,36 +33,35 @@ def _threshold(config, inputs, scorer, model_state, mesh, weights: str) -> dict:
     index = np.sort(np.random.default_rng([config.seed, 0, 2]).permutation(num_train)
                     [:THRESHOLD_SAMPLE])
     source = f"{len(index)} training images (the model trained on them)"
-  reference = score_images(scorer, model_state, np.asarray(inputs.train[index]),
-                           batch_size=config.score.batch_size,
-                           key=runtime.run_keys(config.seed)["score"], mesh=mesh,
-                           weights=weights)
+  reference = score_images(model.scorer, model.state, np.asarray(inputs.train[index]),
+                           batch_size=config.score.batch_size, key=model.plan.keys["score"],
+                           mesh=mesh, weights=model.source)
   return evaluate.threshold_record(reference, config.score.threshold_quantile, source)
 
 
-def scored_with(config, model, test_images) -> dict:
+def scored_with(model: Assembled, test_images) -> dict:
   """What threshold.json says of the run that wrote it and scores.npy: the weights and step,
   the test set (`data.fingerprint`) and the keys that shape a score. `hw8jax.load` scores and
   thresholds as this says; ensembles compare the test sets of their members."""
+  config = model.plan.config
   # Step 0 is a PyTorch file's weights: a checkpoint is written after a step at the earliest.
   return {"checkpoint": config.checkpoint.restore if model.step else "init_from",
           "step": model.step, "weights": model.source, "test_set": data.fingerprint(test_images),
           "score": config.score.to_dict(), "cpu_fast_paths": config.cpu_fast_paths}
 
 
-def score_run(config, workdir: str, inputs) -> dict | None:
-  """Score every test image and write the outputs; returns the eval record (None without
-  labels)."""
+def score_run(run: Plan, workdir: str, inputs) -> dict | None:
+  """Score every test image as the plan `run` says and write the outputs; returns the eval
+  record (None without labels)."""
+  config = run.config
   mesh = runtime.make_mesh()
-  model = assemble(config, "scoring", workdir=workdir, mesh=mesh)
+  model = assemble(run, "scoring", workdir=workdir, mesh=mesh)
   if runtime.is_main_process():
     workdir_lib.record(config, workdir, "score")
-  scorer = scorer_for(config, model.eval_def)
-  scores = score_images(scorer, model.state, inputs.test, batch_size=config.score.batch_size,
-                        key=runtime.run_keys(config.seed)["score"], mesh=mesh,
+  scores = score_images(model.scorer, model.state, inputs.test,
+                        batch_size=config.score.batch_size, key=run.keys["score"], mesh=mesh,
                         weights=model.source)
-  threshold = {**_threshold(config, inputs, scorer, model.state, mesh, model.source),
-               **scored_with(config, model, inputs.test)}
+  threshold = {**_threshold(model, inputs, mesh), **scored_with(model, inputs.test)}
   if not runtime.is_main_process():
     return None
   csv_path = os.path.join(workdir, "submission.csv")
@@ -74,7 +74,7 @@ def score_run(config, workdir: str, inputs) -> dict | None:
         f"{int(np.sum(scores > threshold['threshold']))} above the threshold "
         f"{threshold['threshold']:.6g} ({threshold['from']})", flush=True)
   if config.figures:
-    _model_figures(workdir, config, model, inputs, scores)
+    _model_figures(workdir, model, inputs, scores)
   else:  # a previous run's, which no longer describe this one
     report.remove_outputs(workdir, report.SCORING_FIGURES)
   if inputs.labels is None:
@@ -84,7 +84,7 @@ def score_run(config, workdir: str, inputs) -> dict | None:
             "checkpoint": config.checkpoint.restore, "step": model.step, "model": config.model,
             "metric": config.score.metric, "weights": model.source, "threshold_from": threshold}
   if config.checkpoint.restore == "best" and model.source.startswith("the best"):
-    record["best_by"] = config_lib.best_by(config)
+    record["best_by"] = run.best_by
     if record["best_by"] == "test_auc":
       record["best_chosen_on_test_set"] = True  # this AUC is biased upward
   report.write_json(os.path.join(workdir, "eval.json"), record)
@@ -97,14 +97,14 @@ def score_run(config, workdir: str, inputs) -> dict | None:
   return record
 
 
-def _model_figures(workdir: str, config, model, inputs, scores: np.ndarray) -> None:
+def _model_figures(workdir: str, model: Assembled, inputs, scores: np.ndarray) -> None:
   """reconstructions.png (the six most and six least anomalous test images) and
   latent_edits.png, on this process's first device from a local copy of the replicated
   parameters (whatever mesh they were restored onto). Each model computation is one compiled
   call: op by op, a small model spent seconds compiling a hundred single operations."""
   state = jax.tree.map(lambda a: jax.device_put(a.addressable_data(0), jax.local_devices()[0]),
                        model.state)
-  transform = data.get_transform(config.data.transform)
+  transform = model.plan.transform
   encode = jax.jit(lambda s, x: nnx.merge(model.eval_def, *s).encode(x))
   decode = jax.jit(lambda s, z: nnx.merge(model.eval_def, *s).decode(z))
   order = np.argsort(scores, kind="stable")

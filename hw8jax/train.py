@@ -17,13 +17,12 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from hw8jax import atomic, checkpoint, data, figures, metrics, report, runtime, train_step
 from hw8jax import config as config_lib
 from hw8jax import workdir as workdir_lib
-from hw8jax.assemble import assemble
+from hw8jax.assemble import Plan, assemble
 from hw8jax.epoch_eval import EpochEvaluator
 from hw8jax.errors import Interrupted, NonFinite, UserError
 from hw8jax.runtime import log
@@ -129,15 +128,15 @@ def _resume(mngrs, state, iterator, replicated, num_steps: int):
   return restored, step
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, train_images, test_images=None,
-          test_labels=None, train_set: str | None = None) -> dict | None:
-  """Train (or resume) to the configured number of steps; returns the final train state
+def train(run: Plan, workdir: str, train_images, test_images=None, test_labels=None,
+          train_set: str | None = None) -> dict | None:
+  """Train (or resume) the plan `run` to its number of steps; returns the final train state
   (None when the workdir had already finished). `train_set`, the images' fingerprint, goes into
   the run's record (computed here when not given)."""
+  config = run.config
   mesh = runtime.make_mesh()
   replicated = runtime.replicated(mesh)
   batch_sharding = runtime.batch_sharded(mesh)
-  compute_dtype = runtime.COMPUTE_DTYPES[config.compute_dtype]
   train_index, val_index = data.validation_split(
       len(train_images), config_lib.num_held_out(len(train_images), config.data.val_fraction),
       config.seed)
@@ -146,21 +145,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_images, test_im
   schedule = train_step.make_schedule(config, num_steps)
   tx = train_step.make_optimizer(config, schedule)
   lr_at = jax.jit(schedule)  # for the log; op by op it compiled eight programs at the first line
-  keys = runtime.run_keys(config.seed)
   mngrs = checkpoint.managers(workdir, config.checkpoint.keep)
   sinks = None
   try:
-    model = assemble(config, "init", key=keys["init"])
-    train_def, eval_def = model.train_def, model.eval_def
+    model = assemble(run, "init")
     # One program: op by op, the optimiser's zero moments compiled for about 1 s (fcn_boss).
     state = jax.device_put(jax.jit(lambda p, s: train_step.init_state(p, s, tx))(*model.state),
                            replicated)
-    transform = data.get_transform(config.data.transform)
     step_fn = train_step.jit_train_step(
-        train_step.make_train_step(train_def, tx, config.model, transform, keys["noise"],
-                                   compute_dtype), mesh, config.cpu_fast_paths)
-    evaluator = EpochEvaluator(config, eval_def, train_images, val_index, test_images,
-                               test_labels, key=keys["score"], mesh=mesh)
+        train_step.make_train_step(model.train_def, tx, run.variant.loss, run.transform,
+                                   run.keys["noise"], run.compute_dtype), mesh, run.fast_paths)
+    evaluator = EpochEvaluator(model, train_images, val_index, test_images, test_labels,
+                               mesh=mesh)
 
     shard = data.Shard(jax.process_index(), jax.process_count())
     dataset = data.train_dataset(train_images, batch_size=config.batch_size, seed=config.seed,

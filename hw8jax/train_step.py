@@ -11,7 +11,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from hw8jax import cpu_tuning, data, models, runtime
+from hw8jax import cpu_tuning, data, runtime
 
 
 def warmup_cosine(base_lr: float, total_steps: int, warmup_fraction: float):
@@ -68,9 +68,9 @@ def init_state(params, batch_stats, tx) -> dict:
   }
 
 
-def make_train_step(graphdef, tx, variant: str, transform, key, compute_dtype=jnp.float32):
-  """fn(state, images_uint8) -> (state, metrics). Noise for step s is fold_in(key, s)."""
-  loss = models.variant(variant).loss
+def make_train_step(graphdef, tx, loss, transform, key, compute_dtype=jnp.float32):
+  """fn(state, images_uint8) -> (state, metrics), with the variant's `loss(x, recon, aux) ->
+  (loss, terms)`. Noise for step s is fold_in(key, s)."""
 
   def step_fn(state, images):
     x = transform(images)
@@ -101,9 +101,9 @@ def make_train_step(graphdef, tx, variant: str, transform, key, compute_dtype=jn
   return step_fn
 
 
-def jit_train_step(step_fn, mesh, fast_paths: str):
+def jit_train_step(step_fn, mesh, fast_paths: bool):
   """`step_fn` compiled for `mesh`: state replicated and donated, the batch sharded; with the
-  XLA options of the `cpu_fast_paths` setting `fast_paths`."""
+  XLA options of the run's CPU policy `fast_paths`."""
   replicated = runtime.replicated(mesh)
   return jax.jit(step_fn, in_shardings=(replicated, runtime.batch_sharded(mesh)),
                  out_shardings=(replicated, replicated), donate_argnums=0,

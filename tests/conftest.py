@@ -110,10 +110,10 @@ def built(variant: str, seed: int):
   import jax
   from flax import nnx
 
-  from hw8jax.assemble import assemble
+  from hw8jax.assemble import assemble, plan
   from hw8jax.configs import default
 
-  model = assemble(default.for_model(variant), key=jax.random.key(seed))
+  model = assemble(plan(default.for_model(variant)), key=jax.random.key(seed))
   return nnx.merge(model.train_def, *model.state)
 
 

@@ -108,3 +108,25 @@ def test_no_module_of_the_package_is_over_300_lines():
       if name.endswith(".py"):
         with open(os.path.join(folder, name)) as f:
           assert len(f.readlines()) <= 300, os.path.join(folder, name)
+
+
+def test_a_plan_resolves_the_run_facts_once_from_its_config():
+  import jax
+  import jax.numpy as jnp
+
+  from hw8jax import data, models, runtime
+  from hw8jax.assemble import plan
+
+  c = configs.get_config("fcn_boss", "quick")
+  c.data.val_fraction, c.compute_dtype = 0.1, "bfloat16"
+  run = plan(c)
+  assert run.config is c and run.variant is models.REGISTRY["fcn_boss"]
+  assert run.transform is data.crop_transform and run.compute_dtype == jnp.bfloat16
+  assert run.best_by == "val_score"  # "auto" with a validation split
+  want = runtime.run_keys(c.seed)
+  assert run.keys.keys() == want.keys()
+  for name, key in run.keys.items():
+    assert (jax.random.key_data(key) == jax.random.key_data(want[name])).all()
+  assert jax.default_backend() == "cpu" and run.fast_paths is True  # "auto" on CPU
+  c.cpu_fast_paths = "off"
+  assert plan(c).fast_paths is False and plan(c).best_by == "val_score"

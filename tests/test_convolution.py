@@ -13,7 +13,7 @@ import optax
 import pytest
 from flax import nnx
 
-from hw8jax import data, models, runtime, train_step
+from hw8jax import cpu_tuning, data, models, runtime, train_step
 from hw8jax.models import convolution, layers
 from hw8jax.score import make_scorer
 
@@ -63,7 +63,7 @@ def test_every_conv_variant_shape_is_found():
 
 
 def test_conv_forms_match_xla_for_every_shape_the_variants_use(seed):
-  """Each conv and transposed conv of every variant, in the forms `fast_paths="on"` gives it,
+  """Each conv and transposed conv of every variant, in the forms the CPU policy gives it,
   against XLA's own conv (the nnx layers they subclass): the output within float32 rounding
   (1e-5 relative in L2), and where hw8jax's own form runs (patches, sub-pixel), the gradients of
   the input, kernel and bias too (where XLA's form runs, they are autodiff of the same op). One
@@ -78,7 +78,7 @@ def test_conv_forms_match_xla_for_every_shape_the_variants_use(seed):
         make(cin, cout, k, stride, padding, rngs=nnx.Rngs(0))))
     state = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape) * 0.1, a.dtype), state)
     layer = nnx.merge(graphdef, state)
-    layer.fast_paths = "on"
+    layer.fast_paths = True
     x = jnp.asarray(rng.normal(size=shape), jnp.float32)
     cotangent = jnp.asarray(rng.normal(size=jax.eval_shape(layer, x).shape), jnp.float32)
     own_form = cls is layers.ConvTranspose or convolution.plan(shape, (k, k, cin, cout),
@@ -138,24 +138,24 @@ def primitives(layer, x) -> set:
   return {str(e.primitive) for e in jaxpr.eqns}
 
 
-def test_fast_paths_off_runs_xla_forms_and_auto_follows_the_backend():
+def test_fast_paths_off_runs_xla_forms_and_a_built_layer_follows_the_backend():
   x = jnp.zeros((2, 2, 2, 16))
   conv = layers.conv(16, 8, 3, 1, 1, rngs=nnx.Rngs(0))
   up = layers.conv_transpose(16, 8, rngs=nnx.Rngs(0))
+  assert jax.default_backend() == "cpu"  # the suite runs on CPU, where "auto" means on
   for layer in (conv, up):
-    models.set_fast_paths(layer, "off")
+    assert layer.fast_paths is True and "dot_general" in primitives(layer, x)
+    models.set_fast_paths(layer, False)
     assert "conv_general_dilated" in primitives(layer, x)
     assert "dot_general" not in primitives(layer, x)
-    models.set_fast_paths(layer, "on")
+    models.set_fast_paths(layer, True)
     assert "dot_general" in primitives(layer, x)
   # Off gives XLA's own computation exactly: nnx's layer on the same parameters.
-  models.set_fast_paths(up, "off")
+  models.set_fast_paths(up, False)
   np.testing.assert_array_equal(up(x + 1), nnx.ConvTranspose.__call__(up, x + 1))
-  assert jax.default_backend() == "cpu"  # the suite runs on CPU, where auto means on
-  models.set_fast_paths(conv, "auto")
-  assert "dot_general" in primitives(conv, x)
-  with pytest.raises(ValueError, match="cpu_fast_paths 'xla': use one of auto, on, off"):
-    models.set_fast_paths(conv, "xla")
+  # The policy is resolved before it reaches a model: a setting's name is refused there.
+  with pytest.raises(TypeError, match="fast_paths='auto': a bool, the resolved CPU policy"):
+    models.set_fast_paths(conv, "auto")
 
 
 def ynnpack_convs(hlo: str) -> int:
@@ -174,15 +174,17 @@ def test_fast_paths_keep_convs_off_ynnpack_in_the_train_step_and_the_scorer():
   mesh = runtime.make_mesh()
   found = {}
   for setting in ("auto", "off"):
+    policy = cpu_tuning.cpu_fast_paths(setting)
     model = models.build("ta_cnn", rngs=nnx.Rngs(0))
-    models.set_fast_paths(model, setting)
+    models.set_fast_paths(model, policy)
     graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     tx = optax.sgd(1e-3)
     step = train_step.jit_train_step(train_step.make_train_step(
-        graphdef, tx, "ta_cnn", data.normalize, jax.random.key(0)), mesh, setting)
+        graphdef, tx, models.variant("ta_cnn").loss, data.normalize, jax.random.key(0)), mesh,
+        policy)
     state = train_step.init_state(params, stats, tx)
     model.eval()
-    scorer = make_scorer(nnx.graphdef(model), stochastic=False, fast_paths=setting)
+    scorer = make_scorer(nnx.graphdef(model), stochastic=False, fast_paths=policy)
     score_args = ((params, stats), images, np.arange(4), jax.random.key(0))
     found[setting] = [ynnpack_convs(fn.lower(*args).compile().as_text())
                       for fn, args in ((step, (state, images)), (scorer, score_args))]

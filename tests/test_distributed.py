@@ -84,11 +84,11 @@ def _losses(workdir):
 
 def _params(workdir):
   """Params, restored onto this process's one device."""
-  from hw8jax.assemble import assemble
+  from hw8jax.assemble import assemble, plan
   from hw8jax.configs import default
   from hw8jax.runtime import make_mesh
 
-  model = assemble(default.for_model("tiny"), "checkpoint", workdir=str(workdir),
+  model = assemble(plan(default.for_model("tiny")), "checkpoint", workdir=str(workdir),
                    which="latest", mesh=make_mesh())
   assert model.step == STEPS
   return jax.tree.leaves(model.params)
@@ -101,9 +101,9 @@ def test_data_parallel_run_matches_one_device(runs, name):
   assert len(one) == len(other) == STEPS
   np.testing.assert_allclose(other, one, rtol=1e-5)
   a, b = _params(root / "one"), _params(root / name)
-  from hw8jax.assemble import assemble
+  from hw8jax.assemble import assemble, plan
 
-  initial = jax.tree.leaves(assemble(_config(root / "data", ""),
+  initial = jax.tree.leaves(assemble(plan(_config(root / "data", "")),
                                      key=runtime.run_keys(3)["init"]).params)
   assert len(a) == len(b) == len(initial) == 19
   for x, y, x0 in zip(a, b, initial, strict=True):

@@ -104,14 +104,14 @@ def test_the_config_seed_alone_draws_the_initial_weights(seed):
   weights; another seed changes every tensor (none is drawn from a fixed key); the run's init,
   noise and scoring keys are three different keys."""
   from hw8jax import runtime
-  from hw8jax.assemble import assemble
+  from hw8jax.assemble import assemble, plan
   from hw8jax.configs import default
 
   c = default.for_model("ta_vae")
 
   def weights(s):
-    return [np.asarray(a) for a in jax.tree.leaves(assemble(
-        c, key=runtime.run_keys(s)["init"]).params)]
+    c.seed = s
+    return [np.asarray(a) for a in jax.tree.leaves(assemble(plan(c)).params)]
 
   a, b, other = weights(seed), weights(seed), weights(seed + 1)
   assert len(a) == 14  # 7 convs and transposed convs, kernel and bias each
@@ -129,12 +129,12 @@ def test_weights_drawn_under_cpu_fast_paths_are_jax_default_threefry_bits(seed):
   the while loop of JAX's CPU form. Through assemble: the same weights with the fast path
   on and off."""
   from hw8jax import cpu_tuning
-  from hw8jax.assemble import assemble
+  from hw8jax.assemble import assemble, plan
   from hw8jax.configs import default
 
   key = jax.random.key(seed)
-  fused = cpu_tuning.draw_key(key, "on")
-  assert cpu_tuning.draw_key(key, "off") is key
+  fused = cpu_tuning.draw_key(key, True)
+  assert cpu_tuning.draw_key(key, False) is key
   assert jax.random.key_impl(fused) != jax.random.key_impl(key)
   for shape in [(7,), (3, 5, 2), (64, 3, 3, 3), (0,)]:
     for draw in (jax.random.uniform, jax.random.normal,
@@ -151,7 +151,7 @@ def test_weights_drawn_under_cpu_fast_paths_are_jax_default_threefry_bits(seed):
   weights = {}
   for setting in ("on", "off"):
     c.cpu_fast_paths = setting
-    weights[setting] = jax.tree.leaves(assemble(c, key=key).state)
+    weights[setting] = jax.tree.leaves(assemble(plan(c), key=key).state)
   assert len(weights["on"]) == 14
   for a, b in zip(weights["on"], weights["off"], strict=True):
     np.testing.assert_array_equal(a, b)

@@ -136,11 +136,11 @@ def test_outputs_and_figures_are_written(trained):
 def test_best_and_latest_checkpoints_both_score(trained):
   workdir = trained[0]
   c = default.for_model("tiny")
-  from hw8jax.assemble import assemble
+  from hw8jax.assemble import assemble, plan
   from hw8jax.runtime import make_mesh
 
   for which in ("latest", "best"):
-    step = assemble(c, "checkpoint", workdir=workdir, which=which, mesh=make_mesh()).step
+    step = assemble(plan(c), "checkpoint", workdir=workdir, which=which, mesh=make_mesh()).step
     assert 0 < step <= 12
   # best holds no optimiser state (Adam's two moments would triple it: fcn_boss 0.43 GB, not
   # 1.3 GB) and no data iterator.

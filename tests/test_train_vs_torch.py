@@ -130,7 +130,8 @@ def _follow_pytorch(variant, schedule, rel, seed, steps=20, batch=16):
   # The transform has its own parity test (test_data.py). The step compiles at XLA's default
   # LLVM level (3), not the suite's 0 (conftest.py): float64 convs are XLA's own loops, not
   # library calls, and at level 0 ran 17x slower (ta_cnn's gradient at batch 16: 1.2 s / 0.07 s).
-  step_fn = jax.jit(train_step.make_train_step(graphdef, tx, variant, lambda x: x,
+  step_fn = jax.jit(train_step.make_train_step(graphdef, tx, models.variant(variant).loss,
+                                               lambda x: x,
                                                jax.random.key(0), compute_dtype=np.float64),
                     compiler_options={"xla_backend_optimization_level": 3})
   state = train_step.init_state(params, stats, tx)

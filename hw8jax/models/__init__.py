@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from flax import nnx
 
-from hw8jax import cpu_tuning, losses
+from hw8jax import losses
 from hw8jax.models import layers
 from hw8jax.models.cnn import ta_cnn, ta_vae
 from hw8jax.models.fcn import fcn_boss, fcn_medium, fcn_strong, ta_fcn
@@ -77,11 +77,12 @@ def build(name: str, *, rngs: nnx.Rngs) -> nnx.Module:
   return variant(name).build(rngs=rngs)
 
 
-def set_fast_paths(model: nnx.Module, setting: str) -> None:
-  """Every conv of `model` follows the `cpu_fast_paths` setting ("auto", "on" or "off";
-  `hw8jax.models.convolution`). A static attribute, so a function jitted with one setting is
-  not reused for another."""
-  cpu_tuning.cpu_fast_paths(setting)  # checks the name
+def set_fast_paths(model: nnx.Module, fast_paths: bool) -> None:
+  """Every conv of `model` follows the CPU policy `fast_paths` (`hw8jax.cpu_tuning`; its forms
+  in `hw8jax.models.convolution`). A static attribute, so a function jitted under one policy is
+  not reused for the other."""
+  if not isinstance(fast_paths, bool):
+    raise TypeError(f"fast_paths={fast_paths!r}: a bool, the resolved CPU policy")
   for _, module in nnx.iter_modules(model):
     if isinstance(module, (layers.Conv, layers.ConvTranspose)):
-      module.fast_paths = setting
+      module.fast_paths = fast_paths

@@ -11,8 +11,9 @@ is in docs/performance.md):
 - "patches": the k*k shifted (strided) slices of the padded input side by side, then one
   matmul. Its gradients are a matmul and a sum of pads for the input, a matmul for the kernel.
 
-They run where the config's `cpu_fast_paths` is on ("auto": on CPU only); elsewhere every conv is
-XLA's own (GPUs call cuDNN, expected to win there; unmeasured).
+They run where the run's CPU policy is on (`cpu_tuning`; the config's `cpu_fast_paths`, "auto":
+on CPU only); elsewhere every conv is XLA's own (GPUs call cuDNN, expected to win there;
+unmeasured).
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-
-from hw8jax.cpu_tuning import cpu_fast_paths
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -65,12 +64,12 @@ def plan(shape, kernel_shape, stride: int) -> str:
   return "xla"
 
 
-def conv2d(x, w, stride: int, padding: tuple[int, int], fast_paths: str = "auto",
+def conv2d(x, w, stride: int, padding: tuple[int, int], fast_paths: bool = False,
            precision=None):
   """The sums of `nn.Conv2d` (no bias) of NHWC `x` and HWIO `w`, padded by `padding` (low, high)
-  on both spatial axes: in `plan`'s form where the `cpu_fast_paths` setting `fast_paths` is on,
-  else in XLA's."""
-  form = plan(x.shape, w.shape, stride) if cpu_fast_paths(fast_paths) else "xla"
+  on both spatial axes: in `plan`'s form where the CPU policy `fast_paths` is on, else in
+  XLA's."""
+  form = plan(x.shape, w.shape, stride) if fast_paths else "xla"
   return FORMS[form](x, w, stride, padding, precision)
 
 

@@ -82,10 +82,13 @@ def conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1, padding: int = 0
 
 class Conv(nnx.Conv):
   """`nnx.Conv` computed in the form `hw8jax.models.convolution` picks for its shape (same
-  parameters; the same sums up to float rounding). `fast_paths` is the run's `cpu_fast_paths`
-  (`models.set_fast_paths` sets it on every conv of a model)."""
+  parameters; the same sums up to float rounding). `fast_paths` is the CPU policy: "auto"'s
+  when built (`cpu_tuning.predicted_fast_paths`: the backend is not started for it), the run's
+  once assembled (`models.set_fast_paths`)."""
 
-  fast_paths = "auto"
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.fast_paths = cpu_tuning.predicted_fast_paths("auto")
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
     bias = self.bias[...] if self.bias is not None else None
@@ -114,11 +117,9 @@ class ConvTranspose(nnx.ConvTranspose):
   phase (a, b) of each input pixel depends on a small window of undilated input pixels, so one
   stride-1 conv with stride**2 * out_ch output channels, followed by a pixel shuffle, computes
   the same sums with no zeros (its stride-1 conv in `convolution`'s form for its shape). Same
-  parameters, same result up to float rounding. Where `fast_paths` (the run's `cpu_fast_paths`)
-  is off, it runs XLA's transposed conv.
+  parameters, same result up to float rounding. Where `fast_paths` (the CPU policy, as on
+  `Conv`) is off, it runs XLA's transposed conv.
   """
-
-  fast_paths = "auto"
 
   def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int, padding: int, *,
                rngs: nnx.Rngs):
@@ -128,10 +129,11 @@ class ConvTranspose(nnx.ConvTranspose):
                      kernel_init=torch_kernel_init,
                      bias_init=torch_bias_init(out_ch * kernel * kernel), rngs=rngs)
     self.torch_padding = padding
+    self.fast_paths = cpu_tuning.predicted_fast_paths("auto")
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
     plan = self._subpixel_plan()
-    if plan is None or not cpu_tuning.cpu_fast_paths(self.fast_paths):
+    if plan is None or not self.fast_paths:
       return super().__call__(inputs)
     taps, lo, hi = plan
     x, kernel, bias = self.promote_dtype((inputs, self.kernel[...], self.bias[...]),
