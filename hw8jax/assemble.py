@@ -119,7 +119,7 @@ def _draw_program(build) -> tuple:
   compiled on first use; as one program at LLVM optimisation level 1 it compiles fastest
   (docs/performance.md). The draws equal the op-by-op ones bit for bit, except that
   resnet_boss's normal draws may differ in the last bit (at any level)."""
-  graphdefs = []  # the graphdef is static: kept from the trace (fcn_boss: 0.14 s a trace)
+  graphdefs = []  # the graphdef is static: kept from the trace rather than traced again
 
   def draw(key):
     graphdef, state = nnx.split(build(rngs=nnx.Rngs(params=key)))

@@ -1,7 +1,8 @@
-"""How every output file is written: whole or not at all. A reader (a later run, a Kaggle
-upload, an ensemble) never sees half a file, and a write that fails (a full disk, a signal)
-leaves the previous file as it was and no temporary file behind; a full disk or a folder that
-cannot be written is one line naming the path."""
+"""Every output file written whole or not at all (temp file + rename).
+
+A reader (a later run, a Kaggle upload, an ensemble) never sees half a file, and a write that
+fails (a full disk, a signal) leaves the previous file as it was and no temporary file behind;
+a full disk or a folder that cannot be written is one line naming the path."""
 
 from __future__ import annotations
 

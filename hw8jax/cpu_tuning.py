@@ -85,8 +85,8 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 def tune_allocator(setting: str) -> bool:
   """Under the `cpu_fast_paths` setting, have glibc's malloc keep the large blocks XLA's CPU
   backend frees after every step, instead of unmapping them and faulting fresh zeroed pages in
-  at the next one (about 70,000 page faults and 120 ms of kernel time per fcn_boss, resnet_boss
-  or multi_encoder step at batch 32 on 2 cores; docs/performance.md). Blocks above 64 MB can only
+  at the next one (tens of thousands of page faults a step for the large variants;
+  docs/performance.md). Blocks above 64 MB can only
   live in the main heap, hence one arena; up to 1 GiB comes from that heap, and up to 2 GiB of
   free space at its top is kept. Only of use before JAX's backend starts (its threads pick their
   arenas then): the caller owns the process and calls it first ("auto" predicts the backend

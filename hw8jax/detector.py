@@ -1,6 +1,7 @@
-"""A trained workdir as a detector in Python: `hw8jax.load(workdir)` (or `hw8jax.fit`), then,
-in PyOD's terms, `score(images)` (alias `decision_function`), `threshold` and `predict(images)`,
-and `reconstruct(images)`.
+"""A trained workdir as a detector in Python: `hw8jax.load(workdir)` (or `hw8jax.fit`).
+
+In PyOD's terms, a detector has `score(images)` (alias `decision_function`), `threshold` and
+`predict(images)`, and `reconstruct(images)`.
 
 A detector follows the workdir's last scoring run (its threshold.json): the same checkpoint,
 score keys and threshold, so its scores equal that run's scores.npy for the test images in file

@@ -1,7 +1,9 @@
-"""What each epoch end measures, and which measure picks the best checkpoint: the mean anomaly
-score of held-out training images (a validation split), the test AUC (with labels of both
-classes; reported as what it is, and picking the best only when asked), or the epoch's mean
-training loss. Also the reconstruction grid TensorBoard shows at each epoch end."""
+"""What each epoch end measures, and which measure picks the best checkpoint.
+
+The measures: the mean anomaly score of held-out training images (a validation split), the test
+AUC (with labels of both classes; reported as what it is, and picking the best only when
+asked), or the epoch's mean training loss. Also the reconstruction grid TensorBoard shows at
+each epoch end."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""Evaluation of anomaly scores against 0/1 labels (ROC AUC, AUPR, precision, recall and F1 at a
-threshold, the F1-best threshold), and the threshold itself: a quantile of the scores of normal
-images."""
+"""Anomaly scores against 0/1 labels, and the threshold from the scores of normal images.
+
+ROC AUC, AUPR, precision, recall and F1 at a threshold, and the F1-best threshold; the
+threshold itself is a quantile of the scores of normal images."""
 
 from __future__ import annotations
 

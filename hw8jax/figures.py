@@ -56,7 +56,7 @@ def plot_reconstructions(path: str, images: np.ndarray, recons: np.ndarray, scor
                          title: str, labels: list[str] | None = None):
   """Rows: originals, reconstructions, per-pixel squared error (summed over channels, one
   colour scale for all). Each column is titled with its score (and true label, if known).
-  Drawn as one image: a grid of 36 matplotlib axes took 1.7 s."""
+  Drawn as one image: a grid of 36 matplotlib axes was far slower (docs/performance.md)."""
   import matplotlib
 
   n, size, gap = len(images), images.shape[1], 2

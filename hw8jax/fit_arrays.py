@@ -1,5 +1,6 @@
-"""hw8jax.fit: train on images held in memory, PyOD's way (`fit`, then `decision_function` /
-`predict` / `threshold_` on the returned detector)."""
+"""hw8jax.fit: train on images held in memory, PyOD's way.
+
+`fit`, then `decision_function` / `predict` / `threshold` on the returned detector."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""One run of launch.py (or of the Python API): check the config, hold the workdir, read the
-data, then train and/or score."""
+"""One run of launch.py or of the Python API: check, hold the workdir, read, train and score."""
 
 from __future__ import annotations
 

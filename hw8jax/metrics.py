@@ -1,8 +1,9 @@
-"""Where training's numbers go: metrics.jsonl (a line per progress report and per epoch end) and
-TensorBoard events under tensorboard/ (`tensorboard --logdir runs/`), both written by process 0.
-A resumed run drops what a killed run wrote past its checkpoint: lines from metrics.jsonl, and
-events through TensorBoard's purge step (TensorBoard hides the older files' events from that step
-on when it reads them)."""
+"""Where training's numbers go: metrics.jsonl and TensorBoard events, written by process 0.
+
+metrics.jsonl holds a line per progress report and per epoch end; the events are under
+tensorboard/ (`tensorboard --logdir runs/`). A resumed run drops what a killed run wrote past its
+checkpoint: lines from metrics.jsonl, and events through TensorBoard's purge step (TensorBoard
+hides the older files' events from that step on when it reads them)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def open_sinks(workdir: str, start_step: int) -> dict | None:
 
 def _summary_writer_class():
   """tensorboardX's SummaryWriter. Its module imports torch when torch is installed (to accept
-  torch tensors, which hw8jax never passes): 1.1 s of every run's start-up. Unless torch is
+  torch tensors, which hw8jax never passes), a second of every run's start-up
+  (docs/performance.md). Unless torch is
   already loaded, the import sees none (an entry of None makes `import torch` fail), and the
   entry is removed at once, so a later `import torch` works as usual."""
   if "torch" in sys.modules:

@@ -1,5 +1,6 @@
-"""The files a scoring run or an ensemble writes (submission.csv, predictions.csv, JSON
-records) and the lines they print. Every file is written whole or not at all
+"""The files a scoring run or an ensemble writes, and the lines they print.
+
+submission.csv, predictions.csv and the JSON records. Every file is written whole or not at all
 (`hw8jax.atomic`); the figures are in `hw8jax.figures`, the numbers in `hw8jax.evaluate`."""
 
 from __future__ import annotations

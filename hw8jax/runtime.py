@@ -1,6 +1,7 @@
-"""What a run shares between training and scoring: the processes and devices it runs on, its
-mesh and shardings, its random keys, its compute dtypes and the compilation cache. (CPU tuning
-is apart, in `hw8jax.cpu_tuning`.)"""
+"""What training and scoring share: processes, devices, mesh, keys, dtypes, compilation cache.
+
+The processes and devices a run runs on, its mesh and shardings, its random keys, its compute
+dtypes and the compilation cache. (CPU tuning is apart, in `hw8jax.cpu_tuning`.)"""
 
 from __future__ import annotations
 
@@ -30,10 +31,10 @@ def compilation_cache_dir(setting: str) -> str:
 
 def use_compilation_cache(setting: str) -> None:
   """Keep compiled programs across processes, so that a resumed run, a rescoring or the next
-  run of the same model loads its programs instead of compiling them again (fcn_boss's train
-  step: 2.4 s to compile). Programs that compile in under 0.2 s are not kept: loading one costs
-  about as much. JAX reads the folder once, at the next compilation; a different folder later in
-  the same process starts it afresh."""
+  run of the same model loads its programs instead of compiling them again (docs/performance.md).
+  Programs that compile in under 0.2 s are not kept: loading one costs about as much. JAX reads
+  the folder once, at the next compilation; a different folder later in the same process starts
+  it afresh."""
   from jax.experimental.compilation_cache import compilation_cache as cc
 
   path = compilation_cache_dir(setting)
@@ -162,7 +163,7 @@ def run_keys(seed: int) -> dict:
 
 @jax.jit
 def _split_seed(seed):
-  # One program: op by op, the key, the split and the unstacking compiled four (0.2 s).
+  # One program: op by op, the key, the split and the unstacking compiled four.
   return tuple(jax.random.split(jax.random.key(seed), 3))
 
 

@@ -1,6 +1,8 @@
-"""A scoring run: the model a config scores (`assemble`), every test image scored, the threshold
-from normal images, and the outputs: submission.csv, scores.npy, predictions.csv,
-threshold.json, the figures, and with labels eval.json and roc.png."""
+"""A scoring run: every test image scored, the threshold from normal images, and the outputs.
+
+The model is the one the run's plan scores (`assemble`); the outputs are submission.csv,
+scores.npy, predictions.csv, threshold.json, the figures, and with labels eval.json and
+roc.png."""
 
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
-"""The training loop: the data-parallel step (`train_step`) over the grain pipeline, orbax
-checkpoints with exact resume, progress lines, metrics.jsonl and TensorBoard, and each epoch's
-evaluation (`epoch_eval`) and best checkpoint.
+"""The training loop: the data-parallel step over the grain pipeline, checkpoints and logs.
+
+The step (`train_step`) runs over the grain pipeline, with orbax checkpoints and exact resume,
+progress lines, metrics.jsonl and TensorBoard, and each epoch's evaluation (`epoch_eval`) and
+best checkpoint.
 
 A run resumes from its newest readable checkpoint, saves only finite states, and on SIGTERM or
 Ctrl-C (single-process runs) saves the step it is at before it stops.
@@ -149,7 +151,7 @@ def train(run: Plan, workdir: str, train_images, test_images=None, test_labels=N
   sinks = None
   try:
     model = assemble(run, "init")
-    # One program: op by op, the optimiser's zero moments compiled for about 1 s (fcn_boss).
+    # One program: op by op, the optimiser's zero moments compiled many small programs.
     state = jax.device_put(jax.jit(lambda p, s: train_step.init_state(p, s, tx))(*model.state),
                            replicated)
     step_fn = train_step.jit_train_step(
@@ -223,8 +225,8 @@ def train(run: Plan, workdir: str, train_images, test_images=None, test_labels=N
             _save(mngrs, "latest", done, state, config, iterator)
             last_save = time.time()
           if done == num_steps and runtime.is_main_process():
-            # While orbax writes the last checkpoint, mostly waiting on the disk: the end of an
-            # fcn_boss demo run took 2.06 s with the figure drawn first, 1.80 s so (2 cores).
+            # While orbax writes the last checkpoint, mostly waiting on the disk: the figure
+            # costs the run's end less here than before the save (docs/performance.md).
             if config.figures:
               figures.plot_training_curves(os.path.join(workdir, metrics.METRICS_FILE),
                                            os.path.join(workdir, "training_curves.png"))

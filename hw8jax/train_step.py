@@ -1,7 +1,8 @@
-"""One training step: the optimiser and schedule a config names, the train state (a plain
-pytree of params, batch_stats, opt_state, step and the epoch bookkeeping) and the step itself,
-`jax.jit` over that state with the state donated. The model's structure lives in an nnx graphdef
-outside the state, so NNX's Python-side object handling runs once, at trace time."""
+"""One training step, jitted over a plain-pytree train state that it donates.
+
+The optimiser and schedule a config names, the train state (params, batch_stats, opt_state,
+step and the epoch bookkeeping) and the step itself. The model's structure lives in an nnx
+graphdef outside the state, so NNX's Python-side object handling runs once, at trace time."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""A run's inputs: the training and test images and the test labels a config names, validated
-(with `data.demo`, the demo set written first if missing)."""
+"""A run's inputs: the training and test images and test labels its config names, validated.
+
+With `data.demo`, the demo set is written first if missing."""
 
 from __future__ import annotations
 

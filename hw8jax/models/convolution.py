@@ -1,11 +1,10 @@
 """2-D convolutions in the form that is fastest for their shape on this backend.
 
 XLA's CPU backend runs some conv shapes far below its usual speed: a window larger than the
-image (ResNet-18's last stage, 3x3 over 2x2 maps: 272 ms forward at batch 32 against 5 ms as a
-matmul), and the input gradient of strided convs on small maps (256->512 stride 2 on 4x4: 75 ms
-against 4 ms; XLA runs it as a conv over a zero-dilated gradient). `bench/conv_forms.py` times
-every conv shape of the variants in each form; `plan` holds the choice it supports (the table
-is in docs/performance.md):
+image (ResNet-18's last stage, 3x3 over 2x2 maps) and the input gradient of strided convs on
+small maps (XLA runs it as a conv over a zero-dilated gradient). `bench/conv_forms.py` times
+every conv shape of the variants in each form; `plan` holds the choice it supports (the
+figures are in docs/performance.md):
 
 - "xla": `lax.conv_general_dilated`, the conv XLA would run anyway.
 - "patches": the k*k shifted (strided) slices of the padded input side by side, then one
@@ -55,9 +54,8 @@ def out_size(size: int, k: int, stride: int, padding: tuple[int, int]) -> int:
 def plan(shape, kernel_shape, stride: int) -> str:
   """The form of a conv of NHWC input `shape` and HWIO `kernel_shape` on CPU, from
   `bench/conv_forms.py` at batch 32 and 128 (docs/performance.md): patches for 1x1 kernels (a
-  matmul; its gradients up to 2.5x faster than XLA's), for maps of at most 2x2 (XLA: 1 s forward
-  at batch 128, patches 13 ms) and for strided convs on maps of at most 8x8 (the input gradient:
-  397 ms against 25 ms on 4x4); XLA's conv otherwise, where it is as fast or faster."""
+  matmul, its gradients too), for maps of at most 2x2 and for strided convs on maps of at most
+  8x8 (their input gradient); XLA's conv otherwise, where it is as fast or faster."""
   k, size = kernel_shape[0], max(shape[1], shape[2])
   if k == 1 or size <= 2 or (stride > 1 and size <= 8):
     return "patches"
@@ -90,7 +88,7 @@ def _subpixel_rows(k: int, s: int, p: int, taps: int) -> dict:
 
 
 # Both directions are static slices stacked together: a gather (and autodiff's transpose of the
-# stacking, 36 padded copies summed) cost resnet_boss's train step over 200 ms at batch 32.
+# stacking, 36 padded copies summed) was far slower (docs/performance.md).
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _subpixel_kernel(kernel, s, p, taps):
   rows = _subpixel_rows(kernel.shape[0], s, p, taps)

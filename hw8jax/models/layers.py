@@ -113,12 +113,12 @@ class ConvTranspose(nnx.ConvTranspose):
   default fan-in axis gives PyTorch's fan-in of out_ch * k * k.
 
   XLA runs a transposed conv as a conv over a zero-dilated input, and its gradients as two more
-  such convs; on CPU that made them 5x to 7x slower than PyTorch's (docs/performance.md). Output
-  phase (a, b) of each input pixel depends on a small window of undilated input pixels, so one
-  stride-1 conv with stride**2 * out_ch output channels, followed by a pixel shuffle, computes
+  such convs; on CPU that made them several times slower than PyTorch's (docs/performance.md).
+  Output phase (a, b) of each input pixel depends on a small window of undilated input pixels, so
+  one stride-1 conv with stride**2 * out_ch output channels, followed by a pixel shuffle, computes
   the same sums with no zeros (its stride-1 conv in `convolution`'s form for its shape). Same
-  parameters, same result up to float rounding. Where `fast_paths` (the CPU policy, as on
-  `Conv`) is off, it runs XLA's transposed conv.
+  parameters, same result up to float rounding. Where `fast_paths` (the CPU policy, as on `Conv`)
+  is off, it runs XLA's transposed conv.
   """
 
   def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int, padding: int, *,
@@ -206,8 +206,8 @@ def prelu() -> nnx.PReLU:
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
   """`nn.MaxPool2d(3, 2, 1)`; padding counts as -inf, and the gradient goes to the first
   maximum of each window in row-major order, as in PyTorch. The maximum of the nine strided
-  windows: XLA's CPU gradient of a max reduce-window (index arrays for every input) took about
-  40 ms of resnet_boss's train step at batch 32."""
+  windows: XLA's CPU gradient of a max reduce-window builds index arrays for every input, far
+  slower (docs/performance.md)."""
   return _max_pool_3x3_s2(x)
 
 

@@ -1,5 +1,7 @@
-"""The seed's boss model: a ResNet-18 encoder, a transposed-conv decoder fed a clean and a noisy
-latent, and a small classifier telling the two reconstructions apart."""
+"""The seed's boss model: a ResNet-18 encoder, a decoder and a clean-or-noisy classifier.
+
+The transposed-conv decoder is fed a clean and a noisy latent, and the small classifier tells
+the two reconstructions apart."""
 
 from __future__ import annotations
 
