@@ -46,7 +46,7 @@ def parse_flags(argv):
     flags.FLAGS.config.get("model")  # config_flags defers a config file's load error to here
     return rest
   except Exception as e:  # config_flags raises whatever loading the config file raised
-    from hw8jax.errors import flag_error
+    from hw8jax.errors import flag_error  # hw8jax is imported once the flags are read
 
     _fail(flag_error(e, argv[1:]), 2)
 
@@ -56,6 +56,7 @@ def main(argv):
     _fail(f"unexpected arguments {' '.join(argv[1:])}; flags are --name=value", 2)
   if not flags.FLAGS["verbosity"].present:  # orbax logs every checkpoint step at INFO
     logging.set_verbosity(logging.WARNING)
+  # hw8jax, and with it JAX, is imported here: after the allocator is set (main_process).
   from hw8jax.errors import Interrupted, UserError
   from hw8jax.main import run
 
@@ -82,7 +83,7 @@ def main(argv):
 def main_process(argv):
   """main in a process of its own, which may set what is process-wide: the host allocator of
   `cpu_fast_paths`, before JAX's backend starts."""
-  from hw8jax import cpu_tuning
+  from hw8jax import cpu_tuning  # imported once the flags are read, as all of hw8jax
 
   cpu_tuning.tune_allocator(flags.FLAGS.config.get("cpu_fast_paths", "off"))
   main(argv)

@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 __all__ = ["fit", "get_config", "load", "run"]
 
 
-def __getattr__(name):
+def __getattr__(name):  # each on first use, so that importing the package stays cheap
   if name == "get_config":
     from hw8jax.configs import get_config
     return get_config

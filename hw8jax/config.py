@@ -12,9 +12,6 @@ import math
 
 import ml_collections
 
-# Costly (they import JAX and Flax) but needed by `validate` at every run; no import of
-# hw8jax.config leads back here.
-from hw8jax import cpu_tuning, models
 from hw8jax.errors import UserError
 
 MODES = ("train", "score", "train_and_score")
@@ -111,6 +108,10 @@ def _is(value, kind: type) -> bool:
 def validate(c: ml_collections.ConfigDict, mode: str = "train_and_score") -> None:
   """Every key of `c`, alone and against each other: raises ConfigError listing each mistake
   on its own line. Nothing here reads data, starts JAX or writes anything."""
+  # Here, not at the top: configs/ import this module at flag parsing, which must stay cheap
+  # (hw8jax/__init__.py), and these import JAX and Flax.
+  from hw8jax import cpu_tuning, models
+
   problems = []
   if mode not in MODES:
     problems.append(f"--mode={mode}: use one of {', '.join(MODES)}")

@@ -71,7 +71,7 @@ def _accelerators_installed() -> bool:
   builds asks, and the search reads every installed package's metadata)."""
   plugins = {e.name for e in importlib.metadata.entry_points(group="jax_plugins")}
   if importlib.util.find_spec("jax_plugins") is not None:
-    # Optional: the namespace package exists only where a plugin is installed.
+    # An optional import: the namespace package exists only where a plugin is installed.
     import jax_plugins
 
     plugins |= {m.name for m in pkgutil.iter_modules(jax_plugins.__path__)}

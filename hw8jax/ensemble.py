@@ -29,6 +29,8 @@ def combine(scores: list[np.ndarray], method: str = "rank") -> np.ndarray:
     raise UserError(f"ensemble method {method!r}: use rank or zscore")
   stacked = np.stack([np.asarray(s, np.float64) for s in scores])
   if method == "rank":  # tied scores share their mean rank: file order must not break ties
+    # Imported when ranking: over half a second, which a refused input or a zscore ensemble
+    # would pay for nothing.
     from scipy.stats import rankdata
 
     ranks = rankdata(stacked, axis=1) - 1

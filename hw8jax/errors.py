@@ -1,6 +1,7 @@
 """Errors a user can fix; launch.py prints them as one line instead of a traceback."""
 
 import re
+import signal
 
 
 class UserError(Exception):
@@ -15,8 +16,6 @@ class Interrupted(UserError):
   """A training run stopped by SIGTERM or Ctrl-C after saving the step it was at."""
 
   def __init__(self, signum: int, step: int, num_steps: int):
-    import signal
-
     self.exit_code = 128 + signum
     what = "interrupted" if signum == signal.SIGINT else \
         f"stopped by {signal.Signals(signum).name}"

@@ -42,6 +42,8 @@ def evaluate(labels: np.ndarray, scores: np.ndarray, threshold: float | None = N
   """AUC and AUPR of `scores` against 0/1 `labels` (None, with the reason, for one class);
   with a `threshold`, precision, recall and F1 of "score > threshold", and the F1-best
   threshold (chosen on these labels: what the threshold could at best be, not a fair one)."""
+  # Here, not at the top: every run imports this module, and scikit-learn's metrics take over
+  # half a second to import, needed only where there are labels.
   from sklearn.metrics import average_precision_score, roc_auc_score
 
   counts = {"num_images": int(len(labels)), "num_anomalies": int(np.sum(labels))}

@@ -11,12 +11,16 @@ import numpy as np
 
 from hw8jax import atomic
 
+# matplotlib (and scikit-learn's roc_curve) are imported in the functions that draw: every run
+# imports this module, and a run with `figures` off never pays for them.
+
 SWEEP = (-2.0, -1.0, 1.0, 2.0)  # latent_edits.png: steps of max|z| added to a latent element
 
 
 def _figure(**kwargs):
   """A figure on its own Agg canvas: pyplot and its global backend stay untouched, so a
   notebook's inline plots go on working after a run has drawn its figures."""
+  # Drawing imports, here (the module's note above).
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
 
@@ -35,7 +39,7 @@ def _to_display(x: np.ndarray) -> np.ndarray:
 
 
 def plot_roc_and_histogram(path: str, labels: np.ndarray, scores: np.ndarray, auc: float):
-  from sklearn.metrics import roc_curve
+  from sklearn.metrics import roc_curve  # drawing imports, here (the module's note above)
 
   fpr, tpr, _ = roc_curve(labels, scores)
   fig = _figure(figsize=(10, 4))
@@ -57,7 +61,7 @@ def plot_reconstructions(path: str, images: np.ndarray, recons: np.ndarray, scor
   """Rows: originals, reconstructions, per-pixel squared error (summed over channels, one
   colour scale for all). Each column is titled with its score (and true label, if known).
   Drawn as one image: a grid of 36 matplotlib axes was far slower (docs/performance.md)."""
-  import matplotlib
+  import matplotlib  # drawing imports, here (the module's note above)
 
   n, size, gap = len(images), images.shape[1], 2
   err = np.square(recons - images).sum(-1)

@@ -11,17 +11,19 @@ import os
 import ml_collections
 import numpy as np
 
+from hw8jax import checkpoint, data
 from hw8jax import config as config_lib
-from hw8jax import data
+from hw8jax import workdir as workdir_lib
+from hw8jax.configs import get_config
+from hw8jax.detector import load
 from hw8jax.errors import UserError
+from hw8jax.main import run
 
 
 def _recipe(config_or_recipe) -> ml_collections.ConfigDict:
   """A config from a ConfigDict, a dict of its keys, or a recipe name ("fcn_boss",
   "fcn_boss:quick", "fcn_crops:1")."""
   if isinstance(config_or_recipe, str):
-    from hw8jax.configs import get_config
-
     name, _, arg = config_or_recipe.partition(":")
     return get_config(name, arg or None)
   if isinstance(config_or_recipe, dict):
@@ -63,9 +65,6 @@ def _keep(path: str, array: np.ndarray, replaceable: bool) -> bool:
 def _trained_on(workdir: str) -> str | None:
   """The fingerprint of what the workdir's checkpoints were trained on: None without
   checkpoints, "" where checkpoints exist but no record says (a workdir of an older version)."""
-  from hw8jax import checkpoint
-  from hw8jax import workdir as workdir_lib
-
   if not (checkpoint.exists(workdir, "latest") or checkpoint.exists(workdir, "best")):
     return None
   return workdir_lib.trained_on(workdir) or ""
@@ -79,10 +78,6 @@ def fit(images, config_or_recipe, workdir: str, test_images=None):
   scores: submission.csv, predictions.csv and threshold.json describe them). A second `fit` on
   the same workdir with the same images resumes (or, finished, only rescores); a fit whose run
   stops before its first checkpoint keeps none of its images."""
-  from hw8jax import workdir as workdir_lib
-  from hw8jax.detector import load
-  from hw8jax.main import run
-
   config = _recipe(config_or_recipe)
   train = _images(images, "images")
   test = train if test_images is None else _images(test_images, "test_images")

@@ -39,9 +39,9 @@ def open_sinks(workdir: str, start_step: int) -> dict | None:
 def _summary_writer_class():
   """tensorboardX's SummaryWriter. Its module imports torch when torch is installed (to accept
   torch tensors, which hw8jax never passes), a second of every run's start-up
-  (docs/performance.md). Unless torch is
-  already loaded, the import sees none (an entry of None makes `import torch` fail), and the
-  entry is removed at once, so a later `import torch` works as usual."""
+  (docs/performance.md). Unless torch is already loaded, the import sees none (an entry of None
+  makes `import torch` fail), and the entry is removed at once, so a later `import torch` works
+  as usual."""
   if "torch" in sys.modules:
     from tensorboardX import SummaryWriter
     return SummaryWriter

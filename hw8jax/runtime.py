@@ -12,6 +12,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.compilation_cache import compilation_cache as cc
 
 from hw8jax.errors import UserError
 
@@ -35,8 +36,6 @@ def use_compilation_cache(setting: str) -> None:
   Programs that compile in under 0.2 s are not kept: loading one costs about as much. JAX reads
   the folder once, at the next compilation; a different folder later in the same process starts
   it afresh."""
-  from jax.experimental.compilation_cache import compilation_cache as cc
-
   path = compilation_cache_dir(setting)
   if path == (jax.config.jax_compilation_cache_dir or ""):
     return

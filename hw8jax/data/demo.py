@@ -12,6 +12,7 @@ import os
 import shutil
 
 import numpy as np
+from skimage import data as skdata
 
 from hw8jax.data.io import TEST_FILE, TRAIN_FILE, write_npy_atomic
 from hw8jax.data.transforms import SIZE, resize_matrix
@@ -112,8 +113,6 @@ def write_dataset(directory, train: np.ndarray, test: np.ndarray, labels: np.nda
 
 def make_demo(directory) -> str:
   """Write the demo set into `directory` (deterministic); returns the labels file's path."""
-  from skimage import data as skdata
-
   grey = skdata.lfw_subset()
   faces, others = _to_rgb64(grey[:100]), _to_rgb64(grey[100:])
   rng = np.random.default_rng(0)

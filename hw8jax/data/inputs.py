@@ -7,7 +7,9 @@ from __future__ import annotations
 import os
 from typing import NamedTuple
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from hw8jax.data.demo import LABELS_FILE, is_complete, make_demo
 from hw8jax.data.io import TEST_FILE, TRAIN_FILE, open_images, open_labels
@@ -31,12 +33,9 @@ def open_run_data(config, workdir: str) -> RunData:
   if config.data.demo:
     directory = directory or os.path.join(workdir, "demo_data")
     if not is_complete(directory):
-      import jax
-
       if jax.process_index() == 0:
         make_demo(directory)
       if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("demo data written")
     labels_path = labels_path or os.path.join(directory, LABELS_FILE)
   elif not os.path.exists(directory):

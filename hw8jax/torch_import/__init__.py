@@ -42,7 +42,7 @@ def read_file(path) -> dict[str, np.ndarray]:
 
 
 def __getattr__(name):
-  if name in __all__:
+  if name in __all__:  # on first use: the reader itself needs no JAX, `weights` imports it
     from hw8jax.torch_import import weights
 
     return getattr(weights, name)

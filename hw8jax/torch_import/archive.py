@@ -58,6 +58,7 @@ class StorageType:
     self.name = name
     dtype = STORAGE_DTYPES[name]
     if dtype == "bfloat16":
+      # Imported only here: half a second without JAX, which the reader does without.
       import ml_dtypes
 
       dtype = ml_dtypes.bfloat16
