@@ -212,6 +212,18 @@ def _vanished(mngr: ocp.CheckpointManager, step: int) -> bool:
   return False
 
 
+def _reload(mngr: ocp.CheckpointManager, attempts: int = 10) -> None:
+  """`mngr.reload()`, which lists the steps as `managers` does, with the same retries: a run
+  writing the workdir may delete a step between orbax's listing and its look at that step."""
+  for attempt in range(attempts):
+    try:
+      return mngr.reload()
+    except FileNotFoundError:
+      if attempt == attempts - 1:
+        raise
+      time.sleep(0.1)
+
+
 def newest_intact(mngr: ocp.CheckpointManager, read, below: int | None = None,
                   tries: int = 30):
   """(step, read(step)) for the newest step (below `below`, if given) that reads, skipping
@@ -245,7 +257,7 @@ def newest_intact(mngr: ocp.CheckpointManager, read, below: int | None = None,
       for args in unraisable:
         hook(args)
   if vanished and tries > 1:  # newer steps were saved meanwhile: look again
-    mngr.reload()
+    _reload(mngr)
     return newest_intact(mngr, read, below, tries - 1)
   if not skipped:
     raise UserError(f"{mngr.directory}: each checkpoint was replaced by a newer one while it "
