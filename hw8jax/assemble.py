@@ -33,6 +33,7 @@ class Plan:
   keys: dict                         # init, noise, score (runtime.run_keys of the seed)
   compute_dtype: object              # jnp.float32 or jnp.bfloat16
   best_by: str                       # what picks the best checkpoint, "auto" resolved
+  trajectory: dict                   # what the checkpoints are trained with (config.trajectory)
   fast_paths: bool                   # the CPU policy (cpu_tuning), fixed on the model's convs
 
 
@@ -41,7 +42,8 @@ def plan(config: ml_collections.ConfigDict) -> Plan:
   policy's "auto" need it), so a multi-process run calls it after `runtime.init_distributed`."""
   return Plan(config, models.variant(config.model), data.get_transform(config.data.transform),
               runtime.run_keys(config.seed), runtime.COMPUTE_DTYPES[config.compute_dtype],
-              config_lib.best_by(config), cpu_tuning.cpu_fast_paths(config.cpu_fast_paths))
+              config_lib.best_by(config), config_lib.trajectory(config),
+              cpu_tuning.cpu_fast_paths(config.cpu_fast_paths))
 
 
 @dataclasses.dataclass(frozen=True)

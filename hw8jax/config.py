@@ -211,18 +211,13 @@ def best_by(c: ml_collections.ConfigDict) -> str:
   return "val_score" if c.data.val_fraction > 0 else "train_loss"
 
 
-def num_held_out(num_images: int, val_fraction: float) -> int:
-  return int(round(val_fraction * num_images))
-
-
 def check_run_facts(c: ml_collections.ConfigDict, mode: str, *, num_devices: int,
-                    num_train: int, train_path: str) -> None:
+                    num_train: int, held_out: int, train_path: str) -> None:
   """The keys that depend on the machine and the data, once both are known (and before any
-  model is built)."""
+  model is built): `num_train` images in `train_path`, `held_out` of them for validation."""
   if mode == "score":
     return
   problems = []
-  held_out = num_held_out(num_train, c.data.val_fraction)
   if c.data.val_fraction > 0 and held_out == 0:
     problems.append(f"data.val_fraction={c.data.val_fraction}: holds out no image of the "
                     f"{num_train} in {train_path}")

@@ -34,7 +34,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train_and_
   runtime.init_distributed(config)
   inputs = data.open_run_data(config, workdir)  # headers only (the demo set is written once)
   config_lib.check_run_facts(config, mode, num_devices=jax.device_count(),
-                             num_train=len(inputs.train), train_path=inputs.train_path)
+                             num_train=len(inputs.train), held_out=len(inputs.val_index),
+                             train_path=inputs.train_path)
   run_plan = plan(config)  # the run's facts, resolved once: every stage takes them
   held = workdir_lib.lock(workdir) if runtime.is_main_process() else contextlib.nullcontext()
   # Explicit, because the default on GPUs computes float32 matmuls in TF32 (PyTorch's default
@@ -46,8 +47,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train_and_
                              (inputs.train_path, train_set) if training else None)
     if training:
       checkpoint.check_writable(workdir)
-      train.train(run_plan, workdir, inputs.train, inputs.test, inputs.labels,
-                  train_set=train_set)
+      train.train(run_plan, workdir, inputs, train_set=train_set)
     if mode in ("score", "train_and_score"):
       return score_run(run_plan, workdir, inputs)
   return None

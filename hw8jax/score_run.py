@@ -12,7 +12,6 @@ import jax
 import numpy as np
 from flax import nnx
 
-from hw8jax import config as config_lib
 from hw8jax import data, evaluate, figures, report, runtime
 from hw8jax import workdir as workdir_lib
 from hw8jax.assemble import Assembled, Plan, assemble
@@ -27,9 +26,8 @@ def _threshold(model: Assembled, inputs, mesh) -> dict:
   of up to THRESHOLD_SAMPLE training images."""
   config = model.plan.config
   num_train = len(inputs.train)
-  held = config_lib.num_held_out(num_train, config.data.val_fraction)
-  if held:
-    index = data.validation_split(num_train, held, config.seed)[1]
+  if len(inputs.val_index):
+    index = inputs.val_index
     source = f"{len(index)} held-out training images"
   else:
     index = np.sort(np.random.default_rng([config.seed, 0, 2]).permutation(num_train)

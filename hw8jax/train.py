@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from hw8jax import atomic, checkpoint, data, figures, metrics, report, runtime, train_step
-from hw8jax import config as config_lib
 from hw8jax import workdir as workdir_lib
 from hw8jax.assemble import Plan, assemble
 from hw8jax.epoch_eval import EpochEvaluator
@@ -38,14 +37,14 @@ def _all_finite(tree) -> bool:
              if jnp.issubdtype(x.dtype, jnp.floating))
 
 
-def _save(mngrs, which: str, step: int, state, config, iterator=None) -> None:
+def _save(mngrs, which: str, step: int, state, trajectory: dict, iterator=None) -> None:
   """Save only a finite state: a checkpoint is what a run resumes and scores from, so one
   holding NaN would lose the run's work as surely as none. The parameters and statistics are
   checked (the optimiser's moments follow from the same gradients, and with Adam they would
   triple what is copied to the host at every save)."""
   if not _all_finite((state["params"], state["batch_stats"])):
     raise NonFinite(f"training stopped: the parameters became non-finite by step {step}")
-  checkpoint.save(mngrs[which], step, state, config_lib.trajectory(config), iterator)
+  checkpoint.save(mngrs[which], step, state, trajectory, iterator)
 
 
 def _check_loss(value: float, step: int) -> None:
@@ -130,18 +129,17 @@ def _resume(mngrs, state, iterator, replicated, num_steps: int):
   return restored, step
 
 
-def train(run: Plan, workdir: str, train_images, test_images=None, test_labels=None,
+def train(run: Plan, workdir: str, inputs: data.RunData,
           train_set: str | None = None) -> dict | None:
-  """Train (or resume) the plan `run` to its number of steps; returns the final train state
-  (None when the workdir had already finished). `train_set`, the images' fingerprint, goes into
-  the run's record (computed here when not given)."""
+  """Train (or resume) the plan `run` on `inputs` (their training images less the validation
+  split) to its number of steps; returns the final train state (None when the workdir had
+  already finished). `train_set`, the images' fingerprint, goes into the run's record
+  (computed here when not given)."""
   config = run.config
+  train_images, train_index, val_index = inputs.train, inputs.train_index, inputs.val_index
   mesh = runtime.make_mesh()
   replicated = runtime.replicated(mesh)
   batch_sharding = runtime.batch_sharded(mesh)
-  train_index, val_index = data.validation_split(
-      len(train_images), config_lib.num_held_out(len(train_images), config.data.val_fraction),
-      config.seed)
   num_steps = train_step.total_steps(config, len(train_index))
   spe = data.steps_per_epoch(len(train_index), config.batch_size)
   schedule = train_step.make_schedule(config, num_steps)
@@ -157,7 +155,7 @@ def train(run: Plan, workdir: str, train_images, test_images=None, test_labels=N
     step_fn = train_step.jit_train_step(
         train_step.make_train_step(model.train_def, tx, run.variant.loss, run.transform,
                                    run.keys["noise"], run.compute_dtype), mesh, run.fast_paths)
-    evaluator = EpochEvaluator(model, train_images, val_index, test_images, test_labels,
+    evaluator = EpochEvaluator(model, train_images, val_index, inputs.test, inputs.labels,
                                mesh=mesh)
 
     shard = data.Shard(jax.process_index(), jax.process_count())
@@ -220,9 +218,9 @@ def train(run: Plan, workdir: str, train_images, test_images=None, test_labels=N
             _check_loss(float(state["epoch_loss_sum"]), done)
             verified = done
             if best is not None:  # written with the latest one that records its quality
-              _save(mngrs, "best", *best, config)
+              _save(mngrs, "best", *best, run.trajectory)
               best = None
-            _save(mngrs, "latest", done, state, config, iterator)
+            _save(mngrs, "latest", done, state, run.trajectory, iterator)
             last_save = time.time()
           if done == num_steps and runtime.is_main_process():
             # While orbax writes the last checkpoint, mostly waiting on the disk: the figure

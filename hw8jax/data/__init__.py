@@ -13,6 +13,7 @@ from hw8jax.data.io import (
 from hw8jax.data.pipeline import (
     Shard,
     eval_dataset,
+    num_held_out,
     steps_per_epoch,
     train_dataset,
     validation_split,
@@ -21,6 +22,7 @@ from hw8jax.data.transforms import crop, crop_transform, get_transform, normaliz
 
 __all__ = [
     "TEST_FILE", "TRAIN_FILE", "DataError", "RunData", "Shard", "crop", "crop_transform",
-    "eval_dataset", "fingerprint", "get_transform", "normalize", "open_images", "open_labels",
-    "open_run_data", "steps_per_epoch", "train_dataset", "validation_split", "write_npy_atomic",
+    "eval_dataset", "fingerprint", "get_transform", "normalize", "num_held_out", "open_images",
+    "open_labels", "open_run_data", "steps_per_epoch", "train_dataset", "validation_split",
+    "write_npy_atomic",
 ]

@@ -13,6 +13,7 @@ from jax.experimental import multihost_utils
 
 from hw8jax.data.demo import LABELS_FILE, is_complete, make_demo
 from hw8jax.data.io import TEST_FILE, TRAIN_FILE, open_images, open_labels
+from hw8jax.data.pipeline import num_held_out, validation_split
 from hw8jax.errors import UserError
 
 DEMO_HINT = "python launch.py --config=configs/fcn_boss.py:demo --workdir=DIR"
@@ -24,6 +25,8 @@ class RunData(NamedTuple):
   test: np.ndarray
   labels: np.ndarray | None
   train_path: str
+  train_index: np.ndarray  # the training images trained on, sorted
+  val_index: np.ndarray    # those held out (`data.val_fraction`), never trained on; sorted
 
 
 def open_run_data(config, workdir: str) -> RunData:
@@ -47,4 +50,7 @@ def open_run_data(config, workdir: str) -> RunData:
   train_path = os.path.join(directory, TRAIN_FILE)
   test = open_images(os.path.join(directory, TEST_FILE))
   labels = open_labels(labels_path, len(test)) if labels_path else None
-  return RunData(open_images(train_path), test, labels, train_path)
+  train = open_images(train_path)
+  split = validation_split(len(train), num_held_out(len(train), config.data.val_fraction),
+                           config.seed)
+  return RunData(train, test, labels, train_path, *split)

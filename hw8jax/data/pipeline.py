@@ -44,6 +44,11 @@ def epoch_permutation(num_images: int, seed: int, epoch: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch]).permutation(num_images)
 
 
+def num_held_out(num_images: int, val_fraction: float) -> int:
+  """How many of `num_images` a validation split of `val_fraction` holds out."""
+  return int(round(val_fraction * num_images))
+
+
 def validation_split(num_images: int, num_held_out: int, seed: int):
   """(training indices, held-out indices), each sorted: a random `num_held_out` of the images,
   drawn from the seed (a stream of its own: three entropy words where epochs use two)."""
