@@ -37,9 +37,16 @@ class Plan:
   fast_paths: bool                   # the CPU policy (cpu_tuning), fixed on the model's convs
 
 
-def plan(config: ml_collections.ConfigDict) -> Plan:
-  """The run of a validated `config`, resolved. Starts JAX's backend (the keys and the
-  policy's "auto" need it), so a multi-process run calls it after `runtime.init_distributed`."""
+def plan(config: ml_collections.ConfigDict, mode: str = "score",
+         inputs: data.RunData | None = None) -> Plan:
+  """The run of a validated `config`, resolved; given the run's `inputs`, the keys that depend
+  on them and on the devices are checked first (`config.check_run_facts`, one line each).
+  Starts JAX's backend (the keys and the policy's "auto" need it), so a multi-process run calls
+  it after `runtime.init_distributed`."""
+  if inputs is not None:
+    config_lib.check_run_facts(config, mode, num_devices=jax.device_count(),
+                               num_train=len(inputs.train), held_out=len(inputs.val_index),
+                               train_path=inputs.train_path)
   return Plan(config, models.variant(config.model), data.get_transform(config.data.transform),
               runtime.run_keys(config.seed), runtime.COMPUTE_DTYPES[config.compute_dtype],
               config_lib.best_by(config), config_lib.trajectory(config),

@@ -33,10 +33,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train_and_
   workdir_lib.check_layout(workdir)
   runtime.init_distributed(config)
   inputs = data.open_run_data(config, workdir)  # headers only (the demo set is written once)
-  config_lib.check_run_facts(config, mode, num_devices=jax.device_count(),
-                             num_train=len(inputs.train), held_out=len(inputs.val_index),
-                             train_path=inputs.train_path)
-  run_plan = plan(config)  # the run's facts, resolved once: every stage takes them
+  run_plan = plan(config, mode, inputs)  # the run's facts, checked and resolved once
   held = workdir_lib.lock(workdir) if runtime.is_main_process() else contextlib.nullcontext()
   # Explicit, because the default on GPUs computes float32 matmuls in TF32 (PyTorch's default
   # does not); "highest" keeps float32 runs float32. It changes nothing on CPU.
