@@ -57,6 +57,7 @@ def get_config(arg=None):
   c.score.sample = True            # VAE parts: a sampled z, as the sample code scores them
   c.score.batch_size = 500
   c.score.threshold_quantile = 0.95
+  c.score.fdr = 0.0                # 0: is_anomaly above the quantile threshold; else BH at this
 
   c.log_every_seconds = 5.0
   c.figures = True

@@ -59,6 +59,7 @@ class Assembled:
   train_def: nnx.GraphDef    # BatchNorm on batch statistics (model.train())
   eval_def: nnx.GraphDef     # BatchNorm on running statistics (model.eval())
   scorer: Callable           # score.make_scorer of eval_def, as the plan's config scores
+  mapper: Callable           # the same, giving anomaly maps (maps=True)
   params: dict
   batch_stats: dict
   step: int                  # the checkpoint's step; 0 for fresh or PyTorch weights
@@ -107,10 +108,12 @@ def _split(model: nnx.Module, run: Plan, step: int, source: str) -> Assembled:
   train_def, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   model.eval()
   eval_def, score = nnx.graphdef(model), run.config.score
-  scorer = make_scorer(eval_def, metric=score.metric, topk=score.topk, sample=score.sample,
-                       stochastic=run.variant.stochastic, transform=run.transform,
-                       compute_dtype=run.compute_dtype, fast_paths=run.fast_paths)
-  return Assembled(run, train_def, eval_def, scorer, params, stats, step, source)
+  scorer, mapper = (make_scorer(
+      eval_def, metric=score.metric, topk=score.topk, sample=score.sample,
+      stochastic=run.variant.stochastic, transform=run.transform,
+      compute_dtype=run.compute_dtype, fast_paths=run.fast_paths, maps=maps)
+      for maps in (False, True))
+  return Assembled(run, train_def, eval_def, scorer, mapper, params, stats, step, source)
 
 
 def _drawn(variant: models.Variant, key: jax.Array) -> nnx.Module:

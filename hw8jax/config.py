@@ -52,7 +52,7 @@ SCHEMA = {
     "checkpoint.every_minutes": float, "checkpoint.every_steps": int, "checkpoint.keep": int,
     "checkpoint.restore": str, "checkpoint.best_by": str,
     "score.metric": str, "score.topk": int, "score.sample": bool, "score.batch_size": int,
-    "score.threshold_quantile": float,
+    "score.threshold_quantile": float, "score.fdr": float,
     "log_every_seconds": float, "figures": bool, "compute_dtype": str, "matmul_precision": str,
     "compilation_cache": str, "cpu_fast_paths": str,
     "coordinator_address": str, "num_processes": int, "process_id": int,
@@ -182,6 +182,10 @@ def validate(c: ml_collections.ConfigDict, mode: str = "train_and_score") -> Non
   at_least("score.batch_size", 1)
   q = c.score.threshold_quantile
   check("score.threshold_quantile", math.isfinite(q) and 0 < q < 1, "must be in (0, 1)")
+  fdr = c.score.fdr
+  check("score.fdr", math.isfinite(fdr) and 0 <= fdr < 1,
+        "must be in [0, 1): 0 keeps the quantile threshold, 0 < alpha < 1 decides by "
+        "Benjamini-Hochberg at false discovery rate alpha")
   check("log_every_seconds", math.isfinite(c.log_every_seconds) and c.log_every_seconds >= 0,
         "must be a finite number >= 0")
   choice("compute_dtype", COMPUTE_DTYPES)

@@ -21,9 +21,10 @@ import ml_collections
 import numpy as np
 
 from hw8jax import config as config_lib
-from hw8jax import report, runtime
+from hw8jax import evaluate, report, runtime
 from hw8jax import workdir as workdir_lib
 from hw8jax.assemble import Assembled, assemble, plan
+from hw8jax.data.io import open_npy
 from hw8jax.errors import UserError
 from hw8jax.score import autoencode, batch_size_for, score_images
 
@@ -40,6 +41,8 @@ class Detector:
   threshold: float | None = None  # threshold.json's, where it is of this checkpoint
   no_threshold: str = ""          # why `threshold` is None, in one line
   reconstructor: Callable | None = None
+  reference: np.ndarray | None = None  # the threshold's reference scores: p-values count them
+  fdr: float = 0.0                     # the workdir's rule: Benjamini-Hochberg at this, or 0
 
   @property
   def config(self) -> ml_collections.ConfigDict:
@@ -68,11 +71,41 @@ class Detector:
   decision_function = score  # PyOD's name: higher is more anomalous
 
   def predict(self, images) -> np.ndarray:
-    """(N,) int32: 1 where an image's score is above `threshold` (an anomaly), else 0; for the
-    test images, predictions.csv's `is_anomaly`."""
+    """(N,) int32: 1 where the workdir's rule flags an image (an anomaly), else 0: its score
+    above `threshold`, or with `score.fdr`, Benjamini-Hochberg over these images' p-values.
+    For the test images, predictions.csv's `is_anomaly`."""
     if self.threshold is None:
       raise UserError(self.no_threshold)
-    return (self.score(images) > self.threshold).astype(np.int32)
+    scores = self.score(images)
+    p = evaluate.p_values(self.reference, scores) if self.fdr else None
+    return evaluate.flagged(scores, p, self.threshold, self.fdr).astype(np.int32)
+
+  def p_values(self, images) -> np.ndarray:
+    """(N,) float64 conformal p-values: (1 + #{reference scores >= score}) / (n + 1), against
+    the scores the threshold was taken from (predictions.csv's `p_value` for the test
+    images); small where an image scores above most normal ones."""
+    if self.reference is None:
+      raise UserError(self.no_threshold or "no reference scores: score the workdir again")
+    return evaluate.p_values(self.reference, self.score(images))
+
+  def inputs(self, images) -> np.ndarray:
+    """(N, 64, 64, 3) float32 in [-1, 1]: the images as the model sees them (its transform),
+    where its reconstructions and anomaly maps lie (`hw8jax.figures.anomaly_map_figure`)."""
+    x = _checked(images)
+    return np.asarray(self.model.plan.transform(x), np.float32) if len(x) else \
+        np.zeros((0, 64, 64, 3), np.float32)
+
+  def anomaly_map(self, images) -> np.ndarray:
+    """(N, 64, 64) float32 >= 0: each image's reconstruction error per pixel, summed over
+    channels, from the reconstruction its score comes from (`score.pixel_error`: for "l2",
+    the score is the square root of the map's sum). One program per detector and batch size."""
+    images = _checked(images)
+    if not len(images):
+      return np.zeros((0, 64, 64), np.float32)
+    model = self.model
+    return score_images(model.mapper, model.state, images,
+                        batch_size=self.config.score.batch_size, key=model.plan.keys["score"],
+                        mesh=self.mesh, weights=model.source)
 
   def reconstruct(self, images) -> np.ndarray:
     """(N, 64, 64, 3) float32 deterministic reconstructions decode(encode(x)) in [-1, 1] of
@@ -134,7 +167,25 @@ def load(workdir: str, which: str | None = None) -> Detector:
     why = (f"no threshold: {path} is of the {scored_which} checkpoint (step "
            f"{scored.get('step')}), this detector holds {model.source}; score the workdir "
            f"again with checkpoint.restore={which}, or load it without `which`")
-  return Detector(model, mesh, threshold, why, autoencode(model.eval_def))
+  reference = _reference(workdir, scored) if threshold is not None else None
+  return Detector(model, mesh, threshold, why, autoencode(model.eval_def), reference,
+                  config.score.fdr)
+
+
+def _reference(workdir: str, scored: dict) -> np.ndarray | None:
+  """The reference scores a scoring run kept (None where an older version's run kept none):
+  a 1-D array of finite numbers, or a one-line error naming the file."""
+  if scored.get("reference_scores") != report.REFERENCE_FILE:
+    return None
+  path = os.path.join(workdir, report.REFERENCE_FILE)
+  try:
+    found = open_npy(path)
+  except OSError as e:
+    raise UserError(f"{path}: cannot read it ({e.strerror}); score the workdir again") from None
+  if found.ndim != 1 or found.dtype.kind != "f" or not np.isfinite(found).all():
+    raise UserError(f"{path}: not reference scores (shape {found.shape}, dtype {found.dtype}); "
+                    "score the workdir again to rewrite it")
+  return np.asarray(found, np.float32)
 
 
 def _scoring_record(path: str, config: ml_collections.ConfigDict) -> dict:

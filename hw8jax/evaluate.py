@@ -65,3 +65,54 @@ def threshold_record(reference_scores: np.ndarray, quantile: float, source: str)
   which), as threshold.json records it."""
   return {"threshold": float(np.quantile(reference_scores, quantile)), "quantile": quantile,
           "from": source}
+
+
+def p_values(reference_scores: np.ndarray, scores: np.ndarray) -> np.ndarray:
+  """Conformal p-values: (1 + #{reference >= s}) / (n + 1) for each score s, against the scores
+  of n normal images. Where the reference and a normal test image are exchangeable (the model
+  trained on neither), P(p <= a) <= a for that image; higher scores give smaller p-values."""
+  reference = np.sort(np.asarray(reference_scores, np.float64))
+  at_least = len(reference) - np.searchsorted(reference, np.asarray(scores, np.float64), "left")
+  return ((1 + at_least) / (len(reference) + 1)).astype(np.float64)
+
+
+def benjamini_hochberg(p: np.ndarray, alpha: float) -> np.ndarray:
+  """Which of `p` Benjamini-Hochberg rejects at level `alpha`: every p-value at most the largest
+  p_(k) with p_(k) <= k * alpha / m. Its false discovery rate is at most `alpha` (for
+  independent or positively dependent p-values, as conformal ones of one reference are)."""
+  p = np.asarray(p, np.float64)
+  m = len(p)
+  if not m:
+    return np.zeros(0, bool)
+  ordered = np.sort(p)
+  below = np.nonzero(ordered <= alpha * np.arange(1, m + 1) / m)[0]
+  return p <= ordered[below[-1]] if len(below) else np.zeros(m, bool)
+
+
+def flagged(scores: np.ndarray, p: np.ndarray, threshold: float, fdr: float) -> np.ndarray:
+  """The yes/no of `score.fdr`'s rule: Benjamini-Hochberg on the p-values at level `fdr`, or,
+  with `fdr` 0, a score above `threshold`."""
+  if fdr > 0:
+    return benjamini_hochberg(p, fdr)
+  return np.asarray(scores) > threshold
+
+
+def rule_record(fdr: float, quantile: float, validation_split: bool) -> dict:
+  """What threshold.json says of the yes/no rule and of the p-values beside it."""
+  rule = f"Benjamini-Hochberg at false discovery rate {fdr}" if fdr else \
+      f"score above the {quantile} quantile of the reference scores"
+  p_values = "valid: the reference images were held out of training" if validation_split else \
+      ("optimistic: the model trained on the reference images, so normal test images score "
+       "higher than they do and their p-values come out too small")
+  return {"rule": rule, "fdr": fdr, "p_values": p_values}
+
+
+def decision_record(labels: np.ndarray, flagged: np.ndarray) -> dict:
+  """What a yes/no rule reached on labelled images: how many it flagged, its precision, recall,
+  F1 and false discovery rate (the share of flagged images that are normal)."""
+  flagged = np.asarray(flagged, bool)
+  at = _at_threshold(labels, flagged)
+  n = int(flagged.sum())
+  wrong = int(np.sum(flagged & (labels == 0)))
+  return {"flagged": n, **at, "false_discovery_rate": wrong / n if n else 0.0}
+

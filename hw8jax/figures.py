@@ -144,3 +144,41 @@ def plot_training_curves(metrics_path: str, path: str) -> None:
     target.set_ylabel(key, color=f"C{i + 2}")
     axes[0, 1].set(xlabel="step", title="per epoch")
   _save_figure(fig, path)
+
+
+def anomaly_map_figure(images: np.ndarray, maps: np.ndarray, scores: np.ndarray,
+                       labels: list[str] | None = None, title: str = "", *,
+                       alpha: float = 0.55):
+  """Each image (the model's input, in [-1, 1]) with its anomaly map (`Detector.anomaly_map`)
+  laid over it as a translucent heat map: one colour scale for all, with a colour bar; the
+  score (and label, if given) under each. Returns the matplotlib Figure (a notebook shows it
+  as it is; `plot_anomaly_maps` writes it)."""
+  import matplotlib  # drawing imports, here (the module's note above)
+
+  n, size, gap = len(images), images.shape[1], 2
+  scale = float(np.max(maps)) or 1.0
+  heat = matplotlib.colormaps["inferno"](np.asarray(maps) / scale)[..., :3]
+  weight = alpha * np.clip(np.asarray(maps) / scale, 0.15, 1.0)[..., None]  # calm where normal
+  shown = (1 - weight) * _to_display(images) + weight * heat
+  canvas = np.ones((size, n * size + (n - 1) * gap, 3), np.float32)
+  for i in range(n):
+    canvas[:, i * (size + gap):i * (size + gap) + size] = shown[i]
+  fig = _figure(figsize=(1.6 * n + 1, 2.6))
+  ax = fig.subplots()
+  ax.imshow(canvas)
+  for i in range(n):
+    caption = f"{scores[i]:.3g}" + (f"\n{labels[i]}" if labels else "")
+    ax.text(i * (size + gap) + size / 2, size + 3, caption, ha="center", va="top", fontsize=8)
+  ax.set_xticks([])
+  ax.set_yticks([])
+  fig.colorbar(matplotlib.cm.ScalarMappable(matplotlib.colors.Normalize(0, scale), "inferno"),
+               ax=ax, fraction=0.02, label="anomaly map (error per pixel)")
+  if title:
+    fig.suptitle(title, fontsize=9)
+  return fig
+
+
+def plot_anomaly_maps(path: str, images: np.ndarray, maps: np.ndarray, scores: np.ndarray,
+                      labels: list[str] | None = None, title: str = ""):
+  """anomaly_maps.png: `anomaly_map_figure`, written whole or not at all."""
+  _save_figure(anomaly_map_figure(images, maps, scores, labels, title), path)

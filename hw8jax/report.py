@@ -14,7 +14,8 @@ import numpy as np
 from hw8jax import atomic
 
 LABEL_OUTPUTS = ("eval.json", "roc.png")
-SCORING_FIGURES = ("roc.png", "reconstructions.png", "latent_edits.png")
+SCORING_FIGURES = ("roc.png", "reconstructions.png", "latent_edits.png", "anomaly_maps.png")
+REFERENCE_FILE = "reference_scores.npy"  # the threshold's reference: what p-values count against
 
 
 def write_submission(path: str, scores: np.ndarray) -> None:
@@ -36,11 +37,13 @@ def read_submission(path: str) -> np.ndarray:
   return np.array([float(r[1]) for r in rows])
 
 
-def write_predictions(path: str, scores: np.ndarray, threshold: float) -> None:
-  """`ID,score,is_anomaly`: is_anomaly is 1 for a score above `threshold`."""
-  rows = "".join(f"{i},{s:.9g},{int(s > threshold)}\n"
-                 for i, s in enumerate(np.asarray(scores, np.float32)))
-  atomic.write_text(path, "ID,score,is_anomaly\n" + rows)
+def write_predictions(path: str, scores: np.ndarray, flagged: np.ndarray,
+                      p_values: np.ndarray) -> None:
+  """`ID,score,is_anomaly,p_value`: is_anomaly is 1 where the rule flagged the image
+  (`evaluate.flagged`), p_value its conformal p-value (`evaluate.p_values`)."""
+  rows = "".join(f"{i},{s:.9g},{int(f)},{p:.9g}\n" for i, (s, f, p) in
+                 enumerate(zip(np.asarray(scores, np.float32), flagged, p_values, strict=True)))
+  atomic.write_text(path, "ID,score,is_anomaly,p_value\n" + rows)
 
 
 def print_evaluation(record: dict) -> None:

@@ -44,14 +44,23 @@ def image_error(recon: jax.Array, x: jax.Array, metric: str, topk: int = 256) ->
   raise _unknown_metric(metric)
 
 
+def pixel_error(recon: jax.Array, x: jax.Array, metric: str) -> jax.Array:
+  """The anomaly map of one image (H, W): its error per pixel, summed over channels, in the
+  terms of `metric`: squared for "l2", "mse" and "topk", absolute for "mae". The "l2" score is
+  the square root of the map's sum, "mse" and "mae" its mean over pixels and channels."""
+  d = (recon - x).astype(jnp.float32)
+  return jnp.sum(jnp.abs(d) if metric == "mae" else d * d, axis=-1)
+
+
 def _unknown_metric(metric: str) -> ValueError:
   return ValueError(f"unknown score metric {metric!r}; choose one of {', '.join(METRICS)}")
 
 
 def make_scorer(graphdef, *, metric: str = "l2", topk: int = 256, sample: bool = True,
                 stochastic: bool = True, transform=data.normalize,
-                compute_dtype=jnp.float32, fast_paths: bool = False):
-  """jit(fn(model_state, images_uint8, index, key) -> (B,) float32 scores).
+                compute_dtype=jnp.float32, fast_paths: bool = False, maps: bool = False):
+  """jit(fn(model_state, images_uint8, index, key) -> (B,) float32 scores), or with `maps`
+  the (B, H, W) anomaly maps of the same reconstructions (`pixel_error`).
 
   `graphdef` must be of a model in eval mode; `model_state` is its (params, batch_stats);
   `index` holds each image's index in its file. With `sample`, image i's noise is keyed by
@@ -75,8 +84,9 @@ def make_scorer(graphdef, *, metric: str = "l2", topk: int = 256, sample: bool =
     model = nnx.merge(graphdef, jax.tree.map(lambda p: p.astype(compute_dtype), params), stats)
     x = transform(images)
     recon = reconstruct(model, x.astype(compute_dtype), index, key)
-    return jax.vmap(functools.partial(image_error, metric=metric, topk=topk))(
-        recon.astype(jnp.float32), x)
+    per_image = functools.partial(pixel_error, metric=metric) if maps else \
+        functools.partial(image_error, metric=metric, topk=topk)
+    return jax.vmap(per_image)(recon.astype(jnp.float32), x)
 
   return score
 
@@ -90,8 +100,10 @@ def batch_size_for(batch_size: int, num_images: int, devices: int = 1) -> int:
 
 
 def score_images(scorer, model_state, images, *, batch_size: int, key, mesh=None,
-                 weights: str = "the model") -> np.ndarray:
-  """Scores of all `images` (N, 64, 64, 3) uint8, in file order, each scored exactly once.
+                 weights: str = "the model", index=None) -> np.ndarray:
+  """Scores (or maps, from a scorer of maps) of all `images` (N, 64, 64, 3) uint8, in their
+  order, each scored exactly once. Image i's noise is keyed by `index[i]` (default i: its place
+  in a file scored whole).
 
   Batches are padded to `batch_size_for(batch_size, N)` so `scorer` compiles once per size;
   with a mesh, each batch is sharded over its `data` axis and each process reads only its rows.
@@ -100,24 +112,30 @@ def score_images(scorer, model_state, images, *, batch_size: int, key, mesh=None
   devices = mesh.size if mesh is not None else 1
   n = len(images)
   batch_size = batch_size_for(batch_size, n, devices)
-  scores, done = np.zeros(n, np.float32), np.zeros(n, bool)
+  scores, done = None, np.zeros(n, bool)
+  keyed = None if index is None else np.asarray(index, np.int32)
   shard = data.Shard(jax.process_index(), jax.process_count())
   for batch in data.eval_dataset(images, batch_size=batch_size, shard=shard):
-    imgs, index, mask = batch["image"], batch["index"], batch["mask"]
+    imgs, place, mask = batch["image"], batch["index"], batch["mask"]
+    index = place if keyed is None else np.where(mask, keyed[place], -1).astype(place.dtype)
     if mesh is not None:
       sharding = runtime.batch_sharded(mesh)
       imgs, index, mask = (jax.make_array_from_process_local_data(sharding, a)
                            for a in (imgs, index, mask))
     out = scorer(model_state, imgs, index, key)
     if jax.process_count() > 1:
-      out, index, mask = (multihost_utils.process_allgather(a, tiled=True)
-                          for a in (out, index, mask))
-    out, index, mask = np.asarray(out), np.asarray(index), np.asarray(mask)
-    scores[index[mask]] = out[mask]
-    done[index[mask]] = True
+      out, place, mask = (multihost_utils.process_allgather(a, tiled=True)
+                          for a in (out, place, mask))
+    out, place, mask = np.asarray(out), np.asarray(place), np.asarray(mask)
+    if scores is None:
+      scores = np.zeros((n, *out.shape[1:]), np.float32)
+    scores[place[mask]] = out[mask]
+    done[place[mask]] = True
   if not done.all():  # the batching's own promise, checked whatever Python's -O says
     raise RuntimeError(f"{int((~done).sum())} of {n} images were not scored")
-  bad = int((~np.isfinite(scores)).sum())
+  if scores is None:
+    scores = np.zeros(n, np.float32)
+  bad = int((~np.isfinite(scores).reshape(n, -1).all(axis=1)).sum())
   if bad:
     raise NonFinite(f"{weights}: {bad} of {n} anomaly scores are not finite (NaN or infinite): "
                     "its weights overflow float32 arithmetic")

@@ -20,10 +20,10 @@ from hw8jax.score import autoencode, score_images
 THRESHOLD_SAMPLE = 2000  # training images scored for the threshold without a validation split
 
 
-def _threshold(model: Assembled, inputs, mesh) -> dict:
-  """The `score.threshold_quantile` quantile of the scores of normal images the model did not
-  train on (the held-out validation images) or, without a validation split, of a seeded sample
-  of up to THRESHOLD_SAMPLE training images."""
+def _threshold(model: Assembled, inputs, mesh) -> tuple[dict, np.ndarray]:
+  """(the threshold record, the reference scores): the `score.threshold_quantile` quantile of
+  the scores of normal images the model did not train on (the held-out validation images) or,
+  without a validation split, of a seeded sample of up to THRESHOLD_SAMPLE training images."""
   config = model.plan.config
   num_train = len(inputs.train)
   if len(inputs.val_index):
@@ -36,7 +36,8 @@ def _threshold(model: Assembled, inputs, mesh) -> dict:
   reference = score_images(model.scorer, model.state, np.asarray(inputs.train[index]),
                            batch_size=config.score.batch_size, key=model.plan.keys["score"],
                            mesh=mesh, weights=model.source)
-  return evaluate.threshold_record(reference, config.score.threshold_quantile, source)
+  return (evaluate.threshold_record(reference, config.score.threshold_quantile, source),
+          reference)
 
 
 def scored_with(model: Assembled, test_images) -> dict:
@@ -61,18 +62,24 @@ def score_run(run: Plan, workdir: str, inputs) -> dict | None:
   scores = score_images(model.scorer, model.state, inputs.test,
                         batch_size=config.score.batch_size, key=run.keys["score"], mesh=mesh,
                         weights=model.source)
-  threshold = {**_threshold(model, inputs, mesh), **scored_with(model, inputs.test)}
+  found, reference = _threshold(model, inputs, mesh)
+  rule = evaluate.rule_record(config.score.fdr, config.score.threshold_quantile,
+                              len(inputs.val_index) > 0)
+  threshold = {**found, **rule, "reference_scores": report.REFERENCE_FILE,
+               **scored_with(model, inputs.test)}
   if not runtime.is_main_process():
     return None
+  p_values = evaluate.p_values(reference, scores)
+  flagged = evaluate.flagged(scores, p_values, threshold["threshold"], config.score.fdr)
   csv_path = os.path.join(workdir, "submission.csv")
   report.write_submission(csv_path, scores)
   data.write_npy_atomic(os.path.join(workdir, "scores.npy"), scores)
-  report.write_predictions(os.path.join(workdir, "predictions.csv"), scores,
-                           threshold["threshold"])
+  data.write_npy_atomic(os.path.join(workdir, report.REFERENCE_FILE), reference)
+  report.write_predictions(os.path.join(workdir, "predictions.csv"), scores, flagged, p_values)
   report.write_json(os.path.join(workdir, "threshold.json"), threshold)
   print(f"wrote {csv_path} ({len(scores)} rows) from {model.source}; predictions.csv: "
-        f"{int(np.sum(scores > threshold['threshold']))} above the threshold "
-        f"{threshold['threshold']:.6g} ({threshold['from']})", flush=True)
+        f"{int(flagged.sum())} flagged by {rule['rule']} (threshold {threshold['threshold']:.6g}"
+        f" from {threshold['from']}; p-values {rule['p_values'].split(':')[0]})", flush=True)
   if config.figures:
     _model_figures(workdir, model, inputs, scores)
   else:  # a previous run's, which no longer describe this one
@@ -82,7 +89,9 @@ def score_run(run: Plan, workdir: str, inputs) -> dict | None:
     return None
   record = {**evaluate.evaluate(inputs.labels, scores, threshold["threshold"]),
             "checkpoint": config.checkpoint.restore, "step": model.step, "model": config.model,
-            "metric": config.score.metric, "weights": model.source, "threshold_from": threshold}
+            "metric": config.score.metric, "weights": model.source, "threshold_from": threshold,
+            "decision": {"rule": rule["rule"],
+                         **evaluate.decision_record(inputs.labels, flagged)}}
   if config.checkpoint.restore == "best" and model.source.startswith("the best"):
     record["best_by"] = run.best_by
     if record["best_by"] == "test_auc":
@@ -113,6 +122,20 @@ def _model_figures(workdir: str, model: Assembled, inputs, scores: np.ndarray) -
   recon = np.asarray(autoencode(model.eval_def)(state, x))
   marks = None if inputs.labels is None else \
       ["anomaly" if inputs.labels[i] else "normal" for i in picks]
+  # The 8 most anomalous, where their scores put their error; noise keyed by their places in
+  # the test file, as when they were scored.
+  top = order[-8:][::-1]
+  maps = score_images(model.mapper, state, np.asarray(inputs.test[np.sort(top)]),
+                      batch_size=model.plan.config.score.batch_size,
+                      key=model.plan.keys["score"], index=np.sort(top))
+  ranked = np.argsort(np.argsort(top))  # sorted-file order back to the ranking
+  figures.plot_anomaly_maps(
+      os.path.join(workdir, "anomaly_maps.png"), transform(np.asarray(inputs.test[top])),
+      maps[ranked], scores[top],
+      None if inputs.labels is None else
+      ["anomaly" if inputs.labels[i] else "normal" for i in top],
+      f"the {len(top)} most anomalous of the {len(scores)} test images: where each one's "
+      "reconstruction errs")
   figures.plot_reconstructions(os.path.join(workdir, "reconstructions.png"), np.asarray(x),
                                recon, scores[picks], "most anomalous (left six) and most normal "
                                f"(right six) of the {len(scores)} test images", marks)

@@ -75,7 +75,8 @@ def lock(workdir: str):
 FIT_DATA = "fit_data"  # hw8jax.fit's copy of the images it was given
 FOLDERS = (RUNS, "checkpoints", metrics.EVENTS_DIR, FIT_DATA)
 FILES = (RECORD, LOCK, metrics.METRICS_FILE, "submission.csv", "scores.npy", "predictions.csv",
-         "threshold.json", "eval.json", "training_curves.png", *report.SCORING_FIGURES)
+         "threshold.json", report.REFERENCE_FILE, "eval.json", "training_curves.png",
+         *report.SCORING_FIGURES)
 
 
 def check_layout(workdir: str) -> None:

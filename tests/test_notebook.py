@@ -24,7 +24,8 @@ def test_the_kaggle_notebook_runs_top_to_bottom(tmp_path):
   outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
   assert not [o for o in outputs if o.output_type == "error"]
   images = [o for o in outputs if "image/png" in o.get("data", {})]
-  assert len(images) == 2  # the training curves and the reconstructions, inline
+  # The training curves, the reconstructions, anomaly_maps.png and maps drawn inline.
+  assert len(images) == 4
   text = "".join(o.get("text", "") for o in outputs)
-  assert "flagged as anomalies" in text and "ID,score" in text
+  assert "flagged as anomalies" in text and "ID,score" in text and "smallest p-values" in text
   assert os.path.exists(tmp_path / "hw8jax_small" / "submission.csv")

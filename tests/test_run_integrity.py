@@ -364,7 +364,8 @@ def test_scoring_outputs_are_atomic_fresh_and_independent_of_batching(data_dir, 
   first_run = _train(launch_here, workdir, data_dir, labels, FIGURES, mode="train_and_score")
   assert first_run.returncode == 0, first_run.stderr
   outputs = ["submission.csv", "scores.npy", "eval.json", "roc.png", "reconstructions.png",
-             "latent_edits.png", "predictions.csv", "threshold.json"]
+             "latent_edits.png", "anomaly_maps.png", "predictions.csv", "threshold.json",
+             "reference_scores.npy"]
   inodes = {name: os.stat(workdir / name).st_ino for name in outputs}
   first = report.read_submission(str(workdir / "submission.csv"))
   _check_predictions(workdir, data_dir, first)
@@ -403,7 +404,7 @@ def _check_predictions(workdir, data_dir, scores):
   assert threshold["quantile"] == 0.95
   assert threshold["from"] == "32 training images (the model trained on them)"
   lines = open(workdir / "predictions.csv").read().splitlines()
-  assert lines[0] == "ID,score,is_anomaly" and len(lines) == 13
+  assert lines[0] == "ID,score,is_anomaly,p_value" and len(lines) == 13
   rows = np.array([[float(v) for v in line.split(",")] for line in lines[1:]])
   np.testing.assert_array_equal(rows[:, 0], np.arange(12))
   np.testing.assert_array_equal(rows[:, 1].astype(np.float32), scores)
