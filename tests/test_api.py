@@ -55,6 +55,13 @@ for which in ("latest", "best"):
   if which == "latest":
     written = report.read_submission(os.path.join(workdir, "submission.csv"))
     assert np.array_equal(scores, written.astype(np.float32)), (scores, written)
+# Where the scores come from, and how sure, from the installed package.
+latest = hw8jax.load(workdir)
+maps, scores = latest.anomaly_map(test), latest.score(test)
+assert maps.shape == (len(test), 64, 64) and maps.dtype == np.float32 and (maps >= 0).all()
+assert np.allclose(np.sqrt(maps.sum((1, 2))), scores, rtol=1e-4), (maps.sum((1, 2)), scores)
+rows = np.loadtxt(os.path.join(workdir, "predictions.csv"), delimiter=",", skiprows=1)
+assert np.allclose(latest.p_values(test), rows[:, 3], rtol=1e-8)
 recon = det.reconstruct(test[:3])
 assert recon.shape == (3, 64, 64, 3) and recon.dtype == np.float32
 assert np.abs(recon).max() <= 1.0
