@@ -22,6 +22,7 @@ import numpy as np
 
 from hw8jax import config as config_lib
 from hw8jax import evaluate, report, runtime
+from hw8jax import export as export_lib
 from hw8jax import workdir as workdir_lib
 from hw8jax.assemble import Assembled, assemble, plan
 from hw8jax.data.io import open_npy
@@ -87,6 +88,13 @@ class Detector:
     if self.reference is None:
       raise UserError(self.no_threshold or "no reference scores: score the workdir again")
     return evaluate.p_values(self.reference, self.score(images))
+
+  def export(self, path, format: str = "safetensors", overwrite: bool = False) -> str:
+    """Write this model to `path` as its PyTorch original's state_dict (`hw8jax.export`);
+    returns the path."""
+    if format not in export_lib.FORMATS:
+      raise UserError(f"format={format!r}: use one of {', '.join(export_lib.FORMATS)}")
+    return export_lib.write_safetensors(self.model, path, overwrite=overwrite)
 
   def inputs(self, images) -> np.ndarray:
     """(N, 64, 64, 3) float32 in [-1, 1]: the images as the model sees them (its transform),

@@ -96,6 +96,17 @@ def seed(request):
   return value
 
 
+def nchw(torch, x):
+  """NHWC numpy images as an NCHW torch tensor."""
+  return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
+
+
+def nhwc(t):
+  """A torch tensor as numpy, NCHW maps back to NHWC."""
+  a = t.detach().numpy()
+  return a.transpose(0, 2, 3, 1) if a.ndim == 4 else a
+
+
 def images(rng: np.random.Generator, n: int) -> np.ndarray:
   """n random NHWC float32 images in [-1, 1]."""
   return rng.uniform(-1, 1, (n, 64, 64, 3)).astype(np.float32)

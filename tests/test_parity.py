@@ -31,18 +31,9 @@ from flax import nnx
 from hw8jax import models
 from hw8jax.torch_import import load_state_dict, torch_targets
 
-from conftest import images, require_torch
+from conftest import images, nchw, nhwc, require_torch
 
 BATCH = 8
-
-
-def nchw(torch, x):
-  return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
-
-
-def nhwc(t):
-  a = t.detach().numpy()
-  return a.transpose(0, 2, 3, 1) if a.ndim == 4 else a
 
 
 def randomize_buffers(torch, ref, seed):

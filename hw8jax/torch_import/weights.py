@@ -1,4 +1,4 @@
-"""The weights of a PyTorch original in the matching hw8jax model.
+"""The weights of a PyTorch original in the matching hw8jax model, and back (`state_dict_of`).
 
 hw8jax models mirror their originals' module trees (see `hw8jax.models.layers`), so a PyTorch key
 maps to a layer by its path with nnx.Sequential's `layers` level left out. What differs is layout:
@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import jax.numpy as jnp
 import numpy as np
+import safetensors.numpy
 from flax import nnx
 
 from hw8jax import models
@@ -30,7 +31,6 @@ from hw8jax.models import layers
 from hw8jax.torch_import import read_file
 from hw8jax.torch_import.archive import TorchFileError, shown
 
-# Per layer type: (PyTorch name, nnx attribute, converter(array, layer) -> array).
 Converter = Callable[[np.ndarray, nnx.Module], np.ndarray]
 
 
@@ -54,6 +54,36 @@ def _linear_bias(b: np.ndarray, layer: layers.Linear) -> np.ndarray:
   return b
 
 
+def _hwc_rows_to_chw(w: np.ndarray, chw) -> np.ndarray:
+  c, h, wd = chw
+  return w.reshape(h, wd, c, -1).transpose(2, 0, 1, 3).reshape(w.shape)
+
+
+def _linear_weight(k: np.ndarray, layer: layers.Linear) -> np.ndarray:
+  """`_linear_kernel` undone: hw8jax's kernel as the original's weight."""
+  if layer.out_chw is not None:
+    k = _hwc_rows_to_chw(k.T, layer.out_chw).T
+  if layer.in_chw is not None:
+    k = _hwc_rows_to_chw(k, layer.in_chw)
+  return k.T
+
+
+def _linear_bias_back(b: np.ndarray, layer: layers.Linear) -> np.ndarray:
+  if layer.out_chw is not None:
+    b = _hwc_rows_to_chw(b[:, None], layer.out_chw)[:, 0]
+  return b
+
+
+def _conv_weight(k: np.ndarray, layer) -> np.ndarray:
+  del layer
+  return k.transpose(3, 2, 0, 1)
+
+
+def _one(a: np.ndarray, layer) -> np.ndarray:
+  del layer
+  return a.reshape(1)
+
+
 def _conv_kernel(w: np.ndarray, layer) -> np.ndarray:
   del layer
   return w.transpose(2, 3, 1, 0)
@@ -69,14 +99,17 @@ def _scalar(a: np.ndarray, layer) -> np.ndarray:
   return a.reshape(())
 
 
-_CONV = [("weight", "kernel", _conv_kernel), ("bias", "bias", _same)]
-_RULES: list[tuple[type, list[tuple[str, str, Converter]]]] = [
-    (layers.Linear, [("weight", "kernel", _linear_kernel), ("bias", "bias", _linear_bias)]),
+# Per layer type: (PyTorch name, nnx attribute, PyTorch -> hw8jax, hw8jax -> PyTorch).
+_CONV = [("weight", "kernel", _conv_kernel, _conv_weight), ("bias", "bias", _same, _same)]
+_RULES: list[tuple[type, list[tuple[str, str, Converter, Converter]]]] = [
+    (layers.Linear, [("weight", "kernel", _linear_kernel, _linear_weight),
+                     ("bias", "bias", _linear_bias, _linear_bias_back)]),
     (nnx.Conv, _CONV),
     (nnx.ConvTranspose, _CONV),
-    (layers.BatchNorm, [("weight", "scale", _same), ("bias", "bias", _same),
-                        ("running_mean", "mean", _same), ("running_var", "var", _same)]),
-    (nnx.PReLU, [("weight", "negative_slope", _scalar)]),
+    (layers.BatchNorm, [("weight", "scale", _same, _same), ("bias", "bias", _same, _same),
+                        ("running_mean", "mean", _same, _same),
+                        ("running_var", "var", _same, _same)]),
+    (nnx.PReLU, [("weight", "negative_slope", _scalar, _one)]),
 ]
 _IGNORED_SUFFIXES = (".num_batches_tracked",)
 
@@ -99,8 +132,10 @@ class WeightsMismatch(UserError, ValueError):
 
 def read_state_dict(source) -> dict[str, np.ndarray]:
   """A state_dict as numpy arrays, from a mapping (of numpy arrays or torch tensors) or the path
-  of a `torch.save` file (`read_file`)."""
+  of a `torch.save` file (`read_file`) or of a `.safetensors` file (`read_safetensors`)."""
   if isinstance(source, (str, os.PathLike)):
+    if os.fspath(source).endswith(".safetensors"):
+      return read_safetensors(source)
     return read_file(source)
   out = {}
   for key, value in source.items():
@@ -110,21 +145,53 @@ def read_state_dict(source) -> dict[str, np.ndarray]:
   return out
 
 
-def torch_targets(model: nnx.Module):
+def read_safetensors(path) -> dict[str, np.ndarray]:
+  """The arrays of a `.safetensors` file (hw8jax's exports, or any state_dict saved so). The
+  format is data only (a JSON header of names, dtypes, shapes and offsets, then the bytes), and
+  the library checks the header against the file; anything it refuses is one line naming it."""
+  path = os.fspath(path)
+  try:
+    return safetensors.numpy.load_file(path)
+  except OSError as e:
+    raise TorchFileError(f"{shown(path)}: cannot read it ({e.strerror or e})") from None
+  except Exception as e:  # the library raises its own error kinds (and TypeError on bf16)
+    reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+    raise TorchFileError(f"{shown(path)}: not a readable safetensors file "
+                         f"({type(e).__name__}: {shown(reason)})") from None
+
+
+def torch_targets(model: nnx.Module, back: bool = False):
   """(PyTorch key, nnx Variable, converter, PyTorch shape) for every array the original's
-  state_dict fills, in module order."""
+  state_dict fills, in module order; the converter takes a PyTorch array to hw8jax's layout, or
+  with `back`, hw8jax's to PyTorch's."""
   for path, module in nnx.iter_modules(model):
     rules = _rules_for(module)
     if rules is None:
       continue
     prefix = torch_prefix(path)
-    for torch_name, attr, convert in rules:
+    for torch_name, attr, convert, undo in rules:
       target = getattr(module, attr, None)
       if target is None:  # a conv without bias
         continue
       key = f"{prefix}.{torch_name}" if prefix else torch_name
-      yield key, target, functools.partial(convert, layer=module), _torch_shape(
-          target.shape, attr)
+      yield key, target, functools.partial(undo if back else convert, layer=module), \
+          _torch_shape(target.shape, attr)
+
+
+def state_dict_of(model: nnx.Module, num_batches_tracked: int = 0) -> dict[str, np.ndarray]:
+  """The original's state_dict of `model`'s weights, as numpy arrays in PyTorch's layouts and
+  key order: float32 parameters and BatchNorm statistics, and each BatchNorm's int64
+  `num_batches_tracked` (PyTorch counts the batches seen in training: the step)."""
+  out = {}
+  for key, target, undo, expected in torch_targets(model, back=True):
+    value = np.ascontiguousarray(undo(np.asarray(target[...], np.float32)))
+    if value.shape != expected:  # the rules' own promise, checked whatever Python's -O says
+      raise RuntimeError(f"{key}: exported as {value.shape}, the original holds {expected}")
+    out[key] = value
+    if key.endswith(".running_var"):
+      out[key[:-len("running_var")] + "num_batches_tracked"] = np.array(num_batches_tracked,
+                                                                        np.int64)
+  return out
 
 
 def load_state_dict(model: nnx.Module, state_dict) -> nnx.Module:
@@ -143,6 +210,9 @@ def load_state_dict(model: nnx.Module, state_dict) -> nnx.Module:
       problems.append(f"missing {key} {expected}")
       continue
     used.add(key)
+    if not np.issubdtype(sd[key].dtype, np.floating):
+      problems.append(f"dtype of {key}: {sd[key].dtype}, model needs floating point")
+      continue
     if sd[key].shape != expected:
       problems.append(f"shape of {key}: got {sd[key].shape}, model needs {expected}")
       continue
