@@ -90,11 +90,11 @@ class Detector:
     return evaluate.p_values(self.reference, self.score(images))
 
   def export(self, path, format: str = "safetensors", overwrite: bool = False) -> str:
-    """Write this model to `path` as its PyTorch original's state_dict (`hw8jax.export`);
-    returns the path."""
+    """Write this model to `path` (`hw8jax.export`): "safetensors", its PyTorch original's
+    state_dict, or "stablehlo", its scorer for plain jax; returns the path."""
     if format not in export_lib.FORMATS:
       raise UserError(f"format={format!r}: use one of {', '.join(export_lib.FORMATS)}")
-    return export_lib.write_safetensors(self.model, path, overwrite=overwrite)
+    return export_lib.WRITERS[format](self.model, path, overwrite=overwrite)
 
   def inputs(self, images) -> np.ndarray:
     """(N, 64, 64, 3) float32 in [-1, 1]: the images as the model sees them (its transform),

@@ -1,14 +1,18 @@
-"""Export a trained workdir's model: its original's PyTorch state_dict as a safetensors file.
+"""Export a trained workdir's model: its original's state_dict, or its scorer as StableHLO.
 
-  python -m hw8jax.export WORKDIR --format=safetensors --out=FILE [--which=latest|best]
+  python -m hw8jax.export WORKDIR --format=safetensors|stablehlo --out=FILE [--which=...]
 
-The file holds the state_dict of the variant's PyTorch original (the sample code's and the
+A safetensors file holds the state_dict of the variant's PyTorch original (the sample code's and the
 seed's classes): their key names, shapes and layouts, float32 weights and BatchNorm statistics,
 each BatchNorm's int64 `num_batches_tracked`, written with safetensors' numpy API (no torch).
 `model.load_state_dict(safetensors.torch.load_file(FILE), strict=True)` loads it, and hw8jax
 reads it back with `--config.init_from=FILE`. Metadata: `format: pt`, `model`, `hw8jax`
 (the version), `step` and `config_sha256` (of the config the weights were trained and scored
 with).
+
+A stablehlo file holds the workdir's scorer, serialised by `jax.export` for CPU and CUDA:
+(images uint8 (B, 64, 64, 3), their int32 indices in the file (B,)) -> (B,) float32 scores,
+B symbolic, the weights and the scoring key inside; jax alone runs it.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from hw8jax import atomic
 from hw8jax.errors import UserError
 from hw8jax.torch_import.weights import state_dict_of
 
-FORMATS = ("safetensors",)
+FORMATS = ("safetensors", "stablehlo")
+PLATFORMS = ("cpu", "cuda")  # one StableHLO file runs on either
 
 
 def check_output(out, overwrite: bool) -> str:
@@ -65,6 +70,34 @@ def write_safetensors(model, out: str, *, overwrite: bool = False) -> str:
   return out
 
 
+def write_stablehlo(model, out: str, *, overwrite: bool = False) -> str:
+  """Write the scorer of the assembled `model` to `out` as a serialised `jax.export.Exported`:
+  (images uint8 (B, 64, 64, 3), their int32 indices in the file (B,)) -> (B,) float32 scores,
+  B symbolic, the weights and the scoring key inside, for CPU and CUDA. Only jax is needed to
+  run it: `jax.export.deserialize(data).call(images, index)`."""
+  out = check_output(out, overwrite)
+  state = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), model.state)
+  key_data = np.asarray(jax.random.key_data(model.plan.keys["score"]))
+  impl = jax.random.key_impl(model.plan.keys["score"])
+
+  def scores(images, index):
+    # The key travels as its bits: the program holds plain arrays only.
+    key = jax.random.wrap_key_data(key_data, impl=impl)
+    # The scorer's own function: its jit holds CPU compiler options, which only a top-level
+    # jit may carry (and which a CUDA program could not use).
+    return model.scorer.__wrapped__(state, images, index, key)
+
+  b = jax.export.symbolic_shape("b")
+  exported = jax.export.export(jax.jit(scores), platforms=PLATFORMS)(
+      jax.ShapeDtypeStruct((*b, 64, 64, 3), np.uint8), jax.ShapeDtypeStruct(b, np.int32))
+  with atomic.replaced(out, "wb") as f:
+    f.write(exported.serialize())
+  return out
+
+
+WRITERS = {"safetensors": write_safetensors, "stablehlo": write_stablehlo}
+
+
 def export(workdir, out, format: str = "safetensors", which: str | None = None,
            overwrite: bool = False) -> str:
   """The workdir's model (as `hw8jax.load(workdir, which)` holds it) written to `out` in
@@ -75,7 +108,7 @@ def export(workdir, out, format: str = "safetensors", which: str | None = None,
   # Imported here: the detector module imports this one (for Detector.export).
   from hw8jax.detector import load
 
-  return write_safetensors(load(workdir, which).model, out, overwrite=overwrite)
+  return WRITERS[format](load(workdir, which).model, out, overwrite=overwrite)
 
 
 def main(argv=None) -> int:

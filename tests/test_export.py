@@ -151,3 +151,45 @@ def test_export_from_the_command_line_then_init_from_scores_as_the_workdir_did(t
   assert scored.returncode == 0, scored.stderr
   assert (again / "submission.csv").read_text() == (trained / "submission.csv").read_text()
   assert export_lib.main([str(trained), f"--out={out}", "--overwrite"]) == 0
+
+
+CALL_WITH_JAX_ONLY = """
+import sys
+sys.modules["hw8jax"] = None  # neither can be imported here: the file must need jax only
+sys.modules["flax"] = None
+import numpy as np
+from jax import export
+exported = export.deserialize(bytearray(open(sys.argv[1], "rb").read()))
+test = np.load(sys.argv[2])
+for n in (3, len(test)):  # B is symbolic: two batch sizes, one file
+  print(" ".join(repr(float(s)) for s in exported.call(test[:n], np.arange(n, dtype=np.int32))))
+"""
+
+
+@pytest.mark.parametrize("sample", [False, True], ids=["deterministic", "sampled"])
+def test_the_stablehlo_scorer_runs_with_jax_alone_and_gives_the_submissions_scores(
+    tmp_path, launch_here, sample):
+  """Scores to 1e-6 relative: the run's scorer compiled with hw8jax's CPU options, the exported
+  program with XLA's defaults, so float sums may round differently (measured: 2e-7)."""
+  import subprocess
+  import sys
+
+  from hw8jax.data.demo import make_synthetic
+
+  data = tmp_path / "data"
+  make_synthetic(data, num_train=16, num_test=8, seed=5)
+  workdir = tmp_path / "w"
+  assert launch_here(f"--workdir={workdir}", f"--config.data.dir={data}",
+                     "--config.batch_size=8", "--config.max_steps=4", "--config.figures=false",
+                     "--config.log_every_seconds=0", f"--config.score.sample={sample}"
+                     ).returncode == 0
+  out = tmp_path / "scorer.stablehlo"
+  assert export_lib.main([str(workdir), f"--out={out}", "--format=stablehlo"]) == 0
+  result = subprocess.run([sys.executable, "-c", CALL_WITH_JAX_ONLY, str(out),
+                           str(data / "testingset.npy")], capture_output=True, text=True,
+                          timeout=120)
+  assert result.returncode == 0, result.stderr
+  want = np.loadtxt(workdir / "submission.csv", delimiter=",", skiprows=1)[:, 1]
+  few, every = ([float(v) for v in line.split()] for line in result.stdout.splitlines())
+  np.testing.assert_allclose(few, want[:3], rtol=1e-6)
+  np.testing.assert_allclose(every, want, rtol=1e-6)
