@@ -165,9 +165,10 @@ for n in (3, len(test)):  # B is symbolic: two batch sizes, one file
 """
 
 
-@pytest.mark.parametrize("sample", [False, True], ids=["deterministic", "sampled"])
+@pytest.mark.parametrize("recipe", ["ta_fcn.py:quick", "ta_vae.py:quick"],
+                         ids=["deterministic", "sampled"])
 def test_the_stablehlo_scorer_runs_with_jax_alone_and_gives_the_submissions_scores(
-    tmp_path, launch_here, sample):
+    tmp_path, launch_here, recipe):
   """Scores to 1e-6 relative: the run's scorer compiled with hw8jax's CPU options, the exported
   program with XLA's defaults, so float sums may round differently (measured: 2e-7)."""
   import subprocess
@@ -180,8 +181,7 @@ def test_the_stablehlo_scorer_runs_with_jax_alone_and_gives_the_submissions_scor
   workdir = tmp_path / "w"
   assert launch_here(f"--workdir={workdir}", f"--config.data.dir={data}",
                      "--config.batch_size=8", "--config.max_steps=4", "--config.figures=false",
-                     "--config.log_every_seconds=0", f"--config.score.sample={sample}"
-                     ).returncode == 0
+                     "--config.log_every_seconds=0", config=recipe, tiny=False).returncode == 0
   out = tmp_path / "scorer.stablehlo"
   assert export_lib.main([str(workdir), f"--out={out}", "--format=stablehlo"]) == 0
   result = subprocess.run([sys.executable, "-c", CALL_WITH_JAX_ONLY, str(out),
