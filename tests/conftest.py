@@ -128,6 +128,17 @@ def built(variant: str, seed: int):
   return nnx.merge(model.train_def, *model.state)
 
 
+def one_line_error(result, *fragments) -> str:
+  """The run failed with exactly one error line and no traceback; returns it."""
+  assert result.returncode == 1, (result.stdout, result.stderr)
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+  assert "Traceback" not in result.stdout + result.stderr
+  for fragment in fragments:
+    assert fragment in lines[0], (fragment, lines[0])
+  return lines[0]
+
+
 def latest_step(workdir) -> int | None:
   """The newest step of a workdir's latest checkpoints (None: none)."""
   import orbax.checkpoint as ocp

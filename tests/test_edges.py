@@ -19,6 +19,8 @@ from hw8jax.data import demo
 from hw8jax.data.demo import make_synthetic
 from hw8jax.errors import UserError
 
+from conftest import one_line_error
+
 # A tiny run (tests/tiny.py): 4 steps of batch 8, a latest checkpoint every 2 steps.
 TINY = ["--config.batch_size=8", "--config.max_steps=4", "--config.checkpoint.every_steps=2",
         "--config.log_every_seconds=0", "--config.score.batch_size=8", "--config.figures=false"]
@@ -112,17 +114,6 @@ def data_dir(tmp_path_factory):
   return str(d)
 
 
-def _one_line(result, *fragments) -> str:
-  """The run failed with exactly one error line and no traceback; returns it."""
-  assert result.returncode == 1, (result.stdout, result.stderr)
-  lines = result.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-  assert "Traceback" not in result.stdout + result.stderr
-  for fragment in fragments:
-    assert fragment in lines[0], (fragment, lines[0])
-  return lines[0]
-
-
 def _temporaries(workdir) -> list:
   return [p for p in glob.glob(os.path.join(workdir, "**", "*"), recursive=True)
           if ".tmp" in os.path.basename(p)]
@@ -173,18 +164,18 @@ def test_the_demo_set_appears_whole_and_a_cut_or_half_built_one_is_rebuilt(
 
   monkeypatch.setattr(demo, "write_npy_atomic", failing)
   r = launch_here(*flags, config="ta_vae.py:demo")
-  line = _one_line(r, "demo_data: cannot write the data set there (No space left on device)")
+  line = one_line_error(r, "demo_data: cannot write the data set there (No space left on device)")
   assert len(calls) == 2 and "Traceback" not in line
   assert os.listdir(workdir) == []  # no demo_data, no demo_data.tmpPID
   monkeypatch.setattr(demo, "write_npy_atomic", real)
   r = launch_here(*flags, config="ta_vae.py:demo")
-  _one_line(r, "no latest checkpoint; train first")
+  one_line_error(r, "no latest checkpoint; train first")
   folder = workdir / "demo_data"
   assert sorted(os.listdir(folder)) == sorted([demo.MARKER, *demo.FILES])
   whole = {name: np.load(folder / name) for name in demo.FILES}
   (folder / demo.LABELS_FILE).unlink()  # what a cut in an older version's writes left
   r = launch_here(*flags, config="ta_vae.py:demo")
-  _one_line(r, "no latest checkpoint; train first")
+  one_line_error(r, "no latest checkpoint; train first")
   for name in demo.FILES:
     np.testing.assert_array_equal(np.load(folder / name), whole[name])
 
@@ -199,7 +190,7 @@ def test_a_demo_folder_that_cannot_be_written_is_one_line(tmp_path, launch_here,
   target = tmp_path / "input"
   r = launch_here(f"--workdir={tmp_path / 'w'}", "--mode=score", f"--config.data.dir={target}",
                   config="ta_vae.py:demo")
-  _one_line(r, f"{target}: cannot write the data set there (Read-only file system); pass "
+  one_line_error(r, f"{target}: cannot write the data set there (Read-only file system); pass "
             "--config.data.dir=a folder this run can write")
   assert not target.exists()
 
@@ -225,7 +216,7 @@ def test_a_full_disk_while_scoring_is_one_line_and_a_rerun_writes_the_same(
   monkeypatch.setattr(atomic, "open", full, raising=False)
   flags = [f"--workdir={workdir}", "--mode=score", f"--config.data.dir={data_dir}", *TINY]
   r = launch_here(*flags)
-  _one_line(r, "submission.csv: no space left on the device (", " free); what was already "
+  one_line_error(r, "submission.csv: no space left on the device (", " free); what was already "
             "saved is unchanged")
   assert not _temporaries(workdir)
   assert open(os.path.join(workdir, "submission.csv")).read() == before
@@ -257,7 +248,7 @@ def test_a_full_disk_while_training_is_one_line_and_a_rerun_ends_as_an_uninterru
                         else real_free(path))
     expected = "no space left for checkpoint 2 ("
   flags = [f"--workdir={workdir}", "--mode=train", f"--config.data.dir={data_dir}", *TINY]
-  _one_line(launch_here(*flags), expected, "4.1 KB free" if where == "checkpoint" else "")
+  one_line_error(launch_here(*flags), expected, "4.1 KB free" if where == "checkpoint" else "")
   assert not _temporaries(workdir)
   assert not glob.glob(os.path.join(workdir, "checkpoints", "*", "*orbax-checkpoint-tmp*"))
   monkeypatch.undo()
@@ -315,7 +306,7 @@ def test_a_real_full_disk_is_one_line_and_a_rerun_ends_as_the_uninterrupted_run(
   before = open(os.path.join(trained, "submission.csv")).read()
   filler = _fill(small_disk, leave=256 * 1024 if where == "checkpoint" else 0)
   flags = [f"--workdir={workdir}", f"--mode={mode}", f"--config.data.dir={data_dir}", *TINY]
-  _one_line(launch_here(*flags), "no space left for checkpoint 2 (" if where == "checkpoint"
+  one_line_error(launch_here(*flags), "no space left for checkpoint 2 (" if where == "checkpoint"
             else "no space left on the device (0 bytes free)")
   assert not _temporaries(small_disk)
   assert not glob.glob(os.path.join(workdir, "checkpoints", "*", "*orbax-checkpoint-tmp*"))
@@ -363,11 +354,11 @@ def test_records_gone_the_checkpoint_says_what_trained_it(trained, data_dir, tmp
   r = launch_here(f"--workdir={workdir}", "--mode=train", f"--config.data.dir={data_dir}",
                   *TINY, "--config.max_steps=6", "--config.allow_changes=max_steps",
                   "--config.optimizer.learning_rate=0.01")
-  _one_line(r, "holds checkpoints trained with another config: optimizer.learning_rate 0.01 "
+  one_line_error(r, "holds checkpoints trained with another config: optimizer.learning_rate 0.01 "
             "(trained with 0.001)")
   r = launch_here(f"--workdir={workdir}", "--mode=score", f"--config.data.dir={data_dir}",
                   *TINY, "--config.model=ta_fcn", tiny=False)
-  _one_line(r, "model 'ta_fcn' (trained with 'tiny')")
+  one_line_error(r, "model 'ta_fcn' (trained with 'tiny')")
 
 
 # --- the Python API

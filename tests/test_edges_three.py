@@ -22,22 +22,11 @@ from hw8jax.data import demo
 from hw8jax.data.demo import make_synthetic, synthetic_images
 from hw8jax.errors import UserError
 
-from conftest import REPO, require_torch
+from conftest import REPO, one_line_error, require_torch
 
 # A tiny run (tests/tiny.py): 4 steps of batch 8, a latest checkpoint every 2 steps.
 TINY = ["--config.batch_size=8", "--config.max_steps=4", "--config.checkpoint.every_steps=2",
         "--config.log_every_seconds=0", "--config.score.batch_size=8", "--config.figures=false"]
-
-
-def _one_line(result, *fragments) -> str:
-  """The run failed with exactly one error line and no traceback; returns it."""
-  assert result.returncode == 1, (result.stdout, result.stderr)
-  lines = result.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-  assert "Traceback" not in result.stdout + result.stderr
-  for fragment in fragments:
-    assert fragment in lines[0], (fragment, lines[0])
-  return lines[0]
 
 
 def _user_files(folder, n_train: int = 16, n_test: int = 8, seed: int = 0) -> dict:
@@ -98,24 +87,24 @@ def test_the_demo_never_replaces_a_users_files(tmp_path, launch_here):
   user = tmp_path / "kaggle"
   before = _user_files(user)
   r = launch_here(workdir, "--mode=score", f"--config.data.dir={user}", config="ta_fcn.py:demo")
-  _one_line(r, f"{user}: holds files the demo did not write (testingset.npy, trainingset.npy)")
+  one_line_error(r, f"{user}: holds files the demo did not write (testingset.npy, trainingset.npy)")
   assert _contents(user) == before
   other = tmp_path / "notes"
   other.mkdir()
   (other / "notes.txt").write_text("mine")
   r = launch_here(workdir, "--mode=score", f"--config.data.dir={other}", config="ta_fcn.py:demo")
-  _one_line(r, f"{other}: holds files the demo did not write (notes.txt)")
+  one_line_error(r, f"{other}: holds files the demo did not write (notes.txt)")
   assert os.listdir(other) == ["notes.txt"]
 
   empty = tmp_path / "empty"
   empty.mkdir()
   r = launch_here(workdir, "--mode=score", f"--config.data.dir={empty}", config="ta_fcn.py:demo")
-  _one_line(r, "no latest checkpoint; train first")
+  one_line_error(r, "no latest checkpoint; train first")
   assert sorted(os.listdir(empty)) == sorted([demo.MARKER, *demo.FILES])
   built = _contents(empty)
   os.remove(empty / demo.MARKER)  # what a version before the marker left: the demo's own files
   r = launch_here(workdir, "--mode=score", f"--config.data.dir={empty}", config="ta_fcn.py:demo")
-  _one_line(r, "no latest checkpoint; train first")
+  one_line_error(r, "no latest checkpoint; train first")
   assert _contents(empty) == built
 
 
@@ -130,12 +119,12 @@ def test_weights_whose_own_loss_was_not_finite_are_not_kept(data_dir, tmp_path, 
                   *TINY, "--config.max_steps=40", "--config.optimizer.name=sgd",
                   "--config.optimizer.learning_rate=1e30", "--config.checkpoint.every_steps=1",
                   "--config.checkpoint.keep=3")
-  _one_line(r, "training stopped: the loss became nan by step 2; no checkpoint held weights "
+  one_line_error(r, "training stopped: the loss became nan by step 2; no checkpoint held weights "
             "with a finite loss, so none is kept. Try a lower optimizer.learning_rate")
   for which in ("latest", "best"):
     assert not [d for d in os.listdir(workdir / "checkpoints" / which) if d.isdigit()]
   r = launch_here(f"--workdir={workdir}", "--mode=score", f"--config.data.dir={data_dir}", *TINY)
-  _one_line(r, "no latest checkpoint; train first")
+  one_line_error(r, "no latest checkpoint; train first")
 
 
 def _ta_fcn_file(path, change) -> str:
@@ -177,7 +166,7 @@ def test_non_finite_weights_and_scores_are_one_line_and_nothing_is_written(data_
     r = launch_here(f"--workdir={workdir}", "--mode=score", f"--config.init_from={path}",
                     f"--config.data.dir={data_dir}", "--config.figures=false",
                     config="ta_fcn.py:quick", tiny=False)
-    _one_line(r, path, line)
+    one_line_error(r, path, line)
     assert not [name for name in outputs if (workdir / name).exists()]
   path = _ta_fcn_file(tmp_path / "huge.pt", huge)
   r = subprocess.run([sys.executable, "-O", os.path.join(REPO, "launch.py"),
@@ -185,7 +174,8 @@ def test_non_finite_weights_and_scores_are_one_line_and_nothing_is_written(data_
                       "--mode=score", f"--config.init_from={path}",
                       f"--config.data.dir={data_dir}", "--config.figures=false"],
                      capture_output=True, text=True, timeout=300)
-  line = _one_line(r, f"the PyTorch weights in {path}: ", " of 8 anomaly scores are not finite")
+  line = one_line_error(r, f"the PyTorch weights in {path}: ",
+                        " of 8 anomaly scores are not finite")
   assert int(line.split(": ")[2].split()[0]) >= 1
   assert not [name for name in outputs if (workdir / name).exists()]
 
@@ -208,7 +198,7 @@ def test_a_workdir_trained_on_other_images_is_refused(trained, data_dir, tmp_pat
     hw8jax.fit(images_b, recipe, workdir)
   assert not os.path.exists(os.path.join(workdir, "fit_data"))
   r = launch_here(f"--workdir={workdir}", f"--config.data.dir={other}", *TINY)
-  _one_line(r, f"holds checkpoints trained on other images than {other}/trainingset.npy")
+  one_line_error(r, f"holds checkpoints trained on other images than {other}/trainingset.npy")
   r = launch_here(f"--workdir={workdir}", "--mode=score", f"--config.data.dir={other}", *TINY)
   assert r.returncode == 0, r.stderr
   detector = hw8jax.fit(np.load(os.path.join(data_dir, "trainingset.npy")), recipe, workdir)
@@ -350,7 +340,7 @@ def test_an_unreachable_coordinator_is_one_line_after_distributed_timeout(tmp_pa
                     f"--config.coordinator_address={address}", f"--config.num_processes={num}",
                     f"--config.process_id={process_id}", "--config.distributed_timeout=1")
     assert time.monotonic() - began < 30
-    _one_line(r, expected)
+    one_line_error(r, expected)
     assert "waiting up to 1 s (distributed_timeout) for" in r.stdout
   assert not os.path.exists(tmp_path / "w")
 
@@ -381,7 +371,7 @@ def test_a_header_that_claims_too_much_is_one_line(shape, problem, data_dir, tmp
   shutil.copytree(data_dir, folder)
   _npy_with_header(folder / "testingset.npy", shape)
   r = launch_here(f"--workdir={tmp_path / 'w'}", f"--config.data.dir={folder}", *TINY)
-  _one_line(r, f"{folder}/testingset.npy: ", problem)
+  one_line_error(r, f"{folder}/testingset.npy: ", problem)
   member = tmp_path / "member"
   member.mkdir()
   _npy_with_header(member / "scores.npy", (shape[0],))
@@ -422,7 +412,7 @@ def test_a_workdir_path_of_the_wrong_kind_is_one_line_before_any_work(case, data
   r = launch_here(f"--workdir={workdir}", f"--config.data.dir={data_dir}", *TINY)
   what = {"file": "a file where the run keeps a folder",
           "folder": "a folder where the run writes a file", "link": "a broken link"}
-  _one_line(r, f"{workdir / name}: {what[case.split()[-1]]}")
+  one_line_error(r, f"{workdir / name}: {what[case.split()[-1]]}")
   assert sorted(os.listdir(workdir)) == before
 
 
