@@ -32,6 +32,27 @@ flags.DEFINE_enum("mode", "train_and_score", ["train", "score", "train_and_score
 flags.mark_flags_as_required(["config"])
 
 
+def _deliver_lost_interrupts():
+  """A Ctrl-C that lands while a garbage-collector callback runs (JAX registers one) is printed
+  by Python as "Exception ignored" and dropped, and the run went on to exit 0. Deliver it again
+  a moment later, through a timer signal, once the callback is over (a thread cannot be started
+  from within it)."""
+  default_hook = sys.unraisablehook
+
+  def again(signum, frame):
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    raise KeyboardInterrupt
+
+  def hook(unraisable):
+    if issubclass(unraisable.exc_type, KeyboardInterrupt):
+      signal.signal(signal.SIGALRM, again)
+      signal.setitimer(signal.ITIMER_REAL, 0.05)
+    else:
+      default_hook(unraisable)
+
+  sys.unraisablehook = hook
+
+
 def _fail(lines: str, code: int = 1):
   for line in str(lines).splitlines():
     print(f"error: {line}", file=sys.stderr)
@@ -62,6 +83,7 @@ def main(argv):
 
   if __name__ == "__main__":  # from here Ctrl-C unwinds: what a run writes is cleaned up
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    _deliver_lost_interrupts()
   try:
     run(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.mode)
   except Interrupted as e:

@@ -325,6 +325,29 @@ def test_ctrl_c_at_any_moment_is_one_line_and_exit_130_and_a_rerun_ends_well(dat
   assert os.path.exists(workdir / "submission.csv")
 
 
+def test_a_ctrl_c_inside_a_garbage_collector_callback_is_not_lost():
+  """Python drops an exception raised in a gc callback; a Ctrl-C landing in JAX's callback was
+  lost that way (the run went on to exit 0). launch.py delivers it again, after the callback."""
+  code = f"""if True:
+    import gc, sys, time
+    sys.path.insert(0, {REPO!r})
+    import launch
+    launch._deliver_lost_interrupts()
+    def callback(phase, info):
+      if phase == "start":
+        raise KeyboardInterrupt  # as SIGINT's handler raises it, wherever the run is
+    gc.callbacks.append(callback)
+    try:
+      gc.collect()
+      time.sleep(5)  # the run going on
+      print("lost")
+    except KeyboardInterrupt:
+      print("delivered")
+  """
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+  assert (r.stdout, r.stderr) == ("delivered\n", ""), (r.stdout, r.stderr)
+
+
 # --- 7. several processes
 
 
