@@ -231,7 +231,8 @@ def test_f1_best_threshold_is_the_best_cut(seed):
       assert "f1_best" not in record
       continue
     assert record["f1_best"]["f1"] == pytest.approx(max(f1))
-    assert record["f1_best"]["f1"] >= record["f1"]
+    # The same F1 at two cuts may differ in the last bit (computed in different orders).
+    assert record["f1_best"]["f1"] >= record["f1"] - 1e-12
 
 
 def test_ensemble_rank_gives_tied_scores_one_rank():
