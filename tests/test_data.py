@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 
 import grain
@@ -130,7 +131,7 @@ def test_good_files_are_memory_mapped(tmp_path, seed):
   x = random_uint8(seed, 5)
   path = _save(tmp_path / "good.npy", x)
   images = data.open_images(path)
-  assert isinstance(images, np.memmap)
+  assert isinstance(images.base, mmap.mmap) and not images.flags.writeable
   np.testing.assert_array_equal(images, x)
   labels = data.open_labels(_save(tmp_path / "l.npy", np.array([0, 1, 1, 0, 1], bool)), 5)
   np.testing.assert_array_equal(labels, [0, 1, 1, 0, 1])
@@ -252,3 +253,33 @@ def test_synthetic_set_layout(tmp_path):
   labels_path = make_synthetic(tmp_path, num_train=10, num_test=7, seed=3)
   assert data.open_images(tmp_path / data.TRAIN_FILE).shape == (10, 64, 64, 3)
   assert data.open_labels(labels_path, 7).sum() == 3
+
+
+def _mapped_kb(path) -> int:
+  """Resident kB of this process's mappings of the file `path` (/proc/self/smaps)."""
+  total, inside = 0, False
+  for line in open("/proc/self/smaps"):
+    fields = line.split()
+    if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping's header line
+      inside = len(fields) >= 6 and fields[5] == str(path)
+    elif inside and fields[0] == "Rss:":
+      total += int(fields[1])
+  return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux's /proc")
+def test_a_training_batch_leaves_none_of_the_file_mapped(tmp_path, seed):
+  """A training file read in random batches: the pages a batch read are handed back once it is
+  copied out (an epoch would otherwise leave the whole 1.2 GB file counted as the run's memory),
+  and the batches are still the images."""
+  x = random_uint8(seed, 600)  # 7 MB
+  path = _save(tmp_path / "train.npy", x)
+  images = data.open_images(path, random_access=True)
+  np.testing.assert_array_equal(images[::7], x[::7])
+  assert _mapped_kb(path) > 1000  # reading maps the pages it touches
+  dataset = data.train_dataset(images, batch_size=200, seed=seed, num_steps=3, num_threads=1)
+  for step, batch in enumerate(dataset):
+    epoch, b = divmod(step, 3)
+    perm = np.random.default_rng([seed, epoch]).permutation(600)  # the pipeline's epoch order
+    np.testing.assert_array_equal(batch["image"], x[perm[b * 200:(b + 1) * 200]])
+  assert step == 2 and _mapped_kb(path) < 200  # every batch read; each let its pages go

@@ -50,7 +50,7 @@ def open_run_data(config, workdir: str) -> RunData:
   train_path = os.path.join(directory, TRAIN_FILE)
   test = open_images(os.path.join(directory, TEST_FILE))
   labels = open_labels(labels_path, len(test)) if labels_path else None
-  train = open_images(train_path)
+  train = open_images(train_path, random_access=True)  # batches drawn from all over it
   split = validation_split(len(train), num_held_out(len(train), config.data.val_fraction),
                            config.seed)
   return RunData(train, test, labels, train_path, *split)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import mmap
 import os
 
 import numpy as np
@@ -41,11 +42,13 @@ def _header(path: str):
     raise DataError(f"{path}: not a .npy file ({str(e).splitlines()[0]})") from None
 
 
-def open_npy(path) -> np.ndarray:
-  """The array of a .npy file, memory-mapped, after checking that its header describes an array
-  the file holds whole and that it is not pickled."""
+def open_npy(path, random_access: bool = False) -> np.ndarray:
+  """The array of a .npy file, memory-mapped read-only, after checking that its header
+  describes an array the file holds whole and that it is not pickled. `random_access` tells
+  the kernel not to read ahead around each page touched: a batch of images drawn from all over
+  a training file would otherwise map most of it (see `release_pages`)."""
   path = os.fspath(path)
-  shape, _, dtype, offset = _header(path)
+  shape, fortran, dtype, offset = _header(path)
   if dtype.hasobject:
     raise DataError(f"{path}: holds Python objects (dtype {dtype}); refusing to unpickle")
   if any(not isinstance(d, int) or d < 0 for d in shape):
@@ -56,10 +59,22 @@ def open_npy(path) -> np.ndarray:
     raise DataError(f"{path}: truncated: {have} bytes, the header promises {need}")
   if count == 0:
     raise DataError(f"{path}: empty array of shape {shape}")
-  return np.load(path, mmap_mode="r", allow_pickle=False)
+  with open(path, "rb") as f:
+    mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+  if random_access and hasattr(mmap, "MADV_RANDOM"):
+    mapped.madvise(mmap.MADV_RANDOM)
+  return np.ndarray(shape, dtype, buffer=mapped, offset=offset, order="F" if fortran else "C")
 
 
-def open_images(path) -> np.ndarray:
+def release_pages(images: np.ndarray) -> None:
+  """Unmap the pages of a memory-mapped file that `images` (from `open_npy`) has read: they stay
+  in the system's file cache, but no longer count as this process's memory (an epoch reads the
+  whole 1.2 GB training file). Reading them again maps them again. Other arrays: a no-op."""
+  if isinstance(images.base, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+    images.base.madvise(mmap.MADV_DONTNEED)
+
+
+def open_images(path, random_access: bool = False) -> np.ndarray:
   """A (N, 64, 64, 3) uint8 image file, memory-mapped.
 
   Only uint8 is accepted: the images are 8-bit photographs and every transform assumes 0..255.
@@ -72,7 +87,7 @@ def open_images(path) -> np.ndarray:
   if not dtype.hasobject and dtype != np.uint8:
     raise DataError(f"{path}: dtype {dtype}, expected uint8 pixels 0..255 "
                     "(convert with np.clip(a, 0, 255).astype(np.uint8))")
-  return open_npy(path)
+  return open_npy(path, random_access)
 
 
 def open_labels(path, num_images: int) -> np.ndarray:

@@ -19,6 +19,8 @@ import dataclasses
 import grain
 import numpy as np
 
+from hw8jax.data.io import release_pages
+
 
 @dataclasses.dataclass(frozen=True)
 class Shard:
@@ -69,7 +71,9 @@ class _TrainBatch:
     epoch, b = divmod(int(step), self.steps)
     perm = epoch_permutation(len(self.index), self.seed, epoch)
     idx = self.index[perm[b * self.batch_size:(b + 1) * self.batch_size][self.rows]]
-    return {"image": np.asarray(self.images[idx])}
+    image = np.asarray(self.images[idx])
+    release_pages(self.images)
+    return {"image": image}
 
 
 def train_dataset(images, *, batch_size: int, seed: int, num_steps: int,
@@ -94,6 +98,7 @@ class _EvalBatch:
     mask = index < n
     image = np.zeros((len(index), *self.images.shape[1:]), self.images.dtype)
     image[mask] = self.images[index[mask]]
+    release_pages(self.images)
     return {"image": image, "mask": mask, "index": np.where(mask, index, -1)}
 
 
