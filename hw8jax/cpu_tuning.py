@@ -11,7 +11,8 @@ and costs.
 - `draw_key`: the initial weights' threefry bits computed in one fused loop (the same bits);
 - `tune_allocator`: glibc malloc keeping the large blocks XLA frees each step. Process-wide, so
   only a process's entry point calls it (launch.py, the benchmarks), before JAX starts, with
-  the setting (it predicts the backend rather than start it).
+  the setting (it predicts the backend rather than start it); `release_free_memory` returns
+  what a passing peak (an epoch's evaluation) left in the heap.
 
 Always on, on every backend, so not behind the switch: the 3x3 stride-2 max pool as the maximum
 of nine strided windows with its own gradient (`models.layers.max_pool_3x3_s2`), which is also
@@ -98,6 +99,15 @@ def tune_allocator(setting: str) -> bool:
   libc = ctypes.CDLL("libc.so.6")
   return all(libc.mallopt(param, value) == 1 for param, value in (
       (_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, 1 << 30), (_M_TRIM_THRESHOLD, (1 << 31) - 1)))
+
+
+def release_free_memory() -> None:
+  """Hand the free pages inside malloc's heap back to the system (glibc's `malloc_trim`), after
+  a passing peak (an epoch's evaluation): with `tune_allocator`'s settings the heap keeps what
+  XLA frees, and what a rare peak left would otherwise stay resident for the rest of the run.
+  The next step faults its buffers in once more. Elsewhere than glibc, a no-op."""
+  if platform.libc_ver()[0] == "glibc":
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 # What XLA's CPU backend hands to YNNPACK in each program (jaxlib 0.10.2's default: single dots,

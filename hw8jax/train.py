@@ -24,6 +24,7 @@ import numpy as np
 from hw8jax import atomic, checkpoint, data, figures, metrics, report, runtime, train_step
 from hw8jax import workdir as workdir_lib
 from hw8jax.assemble import Plan, assemble
+from hw8jax.cpu_tuning import release_free_memory
 from hw8jax.epoch_eval import EpochEvaluator
 from hw8jax.errors import Interrupted, NonFinite, UserError
 from hw8jax.runtime import log
@@ -130,11 +131,11 @@ def _resume(mngrs, state, iterator, replicated, num_steps: int):
 
 
 def train(run: Plan, workdir: str, inputs: data.RunData,
-          train_set: str | None = None) -> dict | None:
+          train_set: str | None = None) -> None:
   """Train (or resume) the plan `run` on `inputs` (their training images less the validation
-  split) to its number of steps; returns the final train state (None when the workdir had
-  already finished). `train_set`, the images' fingerprint, goes into the run's record
-  (computed here when not given)."""
+  split) to its number of steps, leaving its checkpoints in `workdir`; a workdir that has
+  already finished is left as it is. `train_set`, the images' fingerprint, goes into the run's
+  record (computed here when not given)."""
   config = run.config
   train_images, train_index, val_index = inputs.train, inputs.train_index, inputs.val_index
   mesh = runtime.make_mesh()
@@ -149,9 +150,11 @@ def train(run: Plan, workdir: str, inputs: data.RunData,
   sinks = None
   try:
     model = assemble(run, "init")
-    # One program: op by op, the optimiser's zero moments compiled many small programs.
-    state = jax.device_put(jax.jit(lambda p, s: train_step.init_state(p, s, tx))(*model.state),
-                           replicated)
+    # One program: op by op, the optimiser's zero moments compiled many small programs. The
+    # drawn weights are donated to it: kept apart, they would be a second copy of the
+    # parameters for the whole run (0.49 GB for fcn_boss).
+    state = jax.device_put(jax.jit(lambda p, s: train_step.init_state(p, s, tx),
+                                   donate_argnums=(0, 1))(*model.state), replicated)
     step_fn = train_step.jit_train_step(
         train_step.make_train_step(model.train_def, tx, run.variant.loss, run.transform,
                                    run.keys["noise"], run.compute_dtype), mesh, run.fast_paths)
@@ -167,7 +170,7 @@ def train(run: Plan, workdir: str, inputs: data.RunData,
     fresh = not mngrs["latest"].all_steps()
     resumed = _resume(mngrs, state, iterator, replicated, num_steps)
     if resumed is None:
-      return None
+      return
     state, start = resumed
     if runtime.is_main_process():
       workdir_lib.record(config, workdir, "train", fresh=fresh, facts={
@@ -211,7 +214,11 @@ def train(run: Plan, workdir: str, inputs: data.RunData,
             metrics.write(sinks, record, "train")
             last_log, log_step = now, done
           if end_of_epoch:
-            state, best = _end_epoch(state, done, spe, evaluator, mngrs, sinks, best)
+            state, improved = _end_epoch(state, done, spe, evaluator, mngrs, sinks)
+            if improved:  # the state is donated: the best epoch's weights are copied out
+              best = None  # the previous copy first: two would be held at once
+              best = (done, jax.tree.map(jnp.copy, checkpoint.model_part(state)))
+            release_free_memory()  # what the evaluation freed, back to the system
           due = (every_steps and done % every_steps == 0) or done == num_steps or \
               (every_s and time.time() - last_save >= every_s)
           if due or stop.get("signal"):
@@ -235,7 +242,7 @@ def train(run: Plan, workdir: str, inputs: data.RunData,
             raise Interrupted(stop["signal"], done, num_steps)
       except NonFinite as e:
         raise _keep_verified(mngrs, verified, e) from None
-    return state
+    state = best = None  # orbax writes from views of them (on CPU): ours go before the wait
   finally:
     metrics.close(sinks)
     _finish_saves(mngrs, workdir)
@@ -262,13 +269,11 @@ def _finish_saves(mngrs, workdir: str) -> None:
 
 
 
-
-def _end_epoch(state, done: int, spe: int, evaluator: EpochEvaluator, mngrs, sinks, best):
+def _end_epoch(state, done: int, spe: int, evaluator: EpochEvaluator, mngrs, sinks):
   """The epoch's record (mean loss and what `evaluator` measures) and the reconstruction grid;
-  (state, best): `best` becomes (this step, a copy of the model part) when this epoch is the
-  best so far. It is written with the next latest checkpoint (the one whose state records its
-  quality), not at every improved epoch: a `best` fcn_boss checkpoint is 0.49 GB, and a run
-  resumes from the latest one anyway."""
+  (state, whether this epoch is the best so far). The best epoch's weights are written with the
+  next latest checkpoint (the one whose state records its quality), not at every improved
+  epoch: a `best` fcn_boss checkpoint is 0.49 GB, and a run resumes from the latest one anyway."""
   model_state = (state["params"], state["batch_stats"])
   mean_loss = float(state["epoch_loss_sum"]) / spe
   record = {"step": done, "epoch": done // spe, "epoch_mean_loss": mean_loss,
@@ -277,9 +282,9 @@ def _end_epoch(state, done: int, spe: int, evaluator: EpochEvaluator, mngrs, sin
   # Host values go back as replicated global arrays (what orbax saves in multi-process runs).
   sharding = state["step"].sharding
   state = dict(state, epoch_loss_sum=jax.device_put(np.float32(0), sharding))
-  if quality > float(state["best"]):
+  improved = quality > float(state["best"])
+  if improved:
     state = dict(state, best=jax.device_put(np.float32(quality), sharding))
-    best = (done, jax.tree.map(jnp.copy, checkpoint.model_part(state)))  # the state is donated
     record["best"] = True
   log(f"epoch {done // spe} done: mean loss {mean_loss:.6g}"
       + (f", validation score {record['val_score']:.6g}" if "val_score" in record else "")
@@ -289,4 +294,4 @@ def _end_epoch(state, done: int, spe: int, evaluator: EpochEvaluator, mngrs, sin
   grid = evaluator.grid(model_state)
   if grid is not None:
     metrics.write_image(sinks, "epoch/reconstructions", grid, done)
-  return state, best
+  return state, improved
