@@ -87,9 +87,11 @@ def tune_allocator(setting: str) -> bool:
   """Under the `cpu_fast_paths` setting, have glibc's malloc keep the large blocks XLA's CPU
   backend frees after every step, instead of unmapping them and faulting fresh zeroed pages in
   at the next one (tens of thousands of page faults a step for the large variants;
-  docs/performance.md). Blocks above 64 MB can only
-  live in the main heap, hence one arena; up to 1 GiB comes from that heap, and up to 2 GiB of
-  free space at its top is kept. Only of use before JAX's backend starts (its threads pick their
+  docs/performance.md). Blocks above 64 MB can only live in the main heap, hence one arena; up
+  to 512 MiB comes from that heap, and up to 2 GiB of free space at its top is kept. Larger
+  blocks (the 1.05 GB of scratch of an fcn_boss step at batch 2000) are mapped apart: from the
+  heap, where smaller blocks land in the hole each leaves, they fragmented it to 6.6 GB resident
+  over a full-size epoch. Only of use before JAX's backend starts (its threads pick their
   arenas then): the caller owns the process and calls it first ("auto" predicts the backend
   rather than starting it). True when applied; glibc Linux only (elsewhere a no-op)."""
   if not predicted_fast_paths(setting):
@@ -98,7 +100,7 @@ def tune_allocator(setting: str) -> bool:
     return False
   libc = ctypes.CDLL("libc.so.6")
   return all(libc.mallopt(param, value) == 1 for param, value in (
-      (_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, 1 << 30), (_M_TRIM_THRESHOLD, (1 << 31) - 1)))
+      (_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, 1 << 29), (_M_TRIM_THRESHOLD, (1 << 31) - 1)))
 
 
 def release_free_memory() -> None:
