@@ -6,6 +6,7 @@ notebook's inline one) is never touched, and written whole or not at all."""
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 
@@ -15,6 +16,17 @@ from hw8jax import atomic
 # imports this module, and a run with `figures` off never pays for them.
 
 SWEEP = (-2.0, -1.0, 1.0, 2.0)  # latent_edits.png: steps of max|z| added to a latent element
+
+
+def preload() -> None:
+  """Import what drawing needs in a thread of its own, while a run starts (its start-up spends
+  much of its time in XLA, the interpreter free), rather than when its last step is done."""
+  def imports():
+    # Drawing imports (the module's note above), in this thread.
+    import matplotlib.backends.backend_agg  # noqa: F401
+    import matplotlib.figure  # noqa: F401
+
+  threading.Thread(target=imports, name="hw8jax-figures-preload", daemon=True).start()
 
 
 def _figure(**kwargs):

@@ -148,6 +148,8 @@ def train(run: Plan, workdir: str, inputs: data.RunData,
   lr_at = jax.jit(schedule)  # for the log; op by op it compiled eight programs at the first line
   mngrs = checkpoint.managers(workdir, config.checkpoint.keep)
   sinks = None
+  if config.figures and runtime.is_main_process():
+    figures.preload()  # training_curves.png is drawn at the end
   try:
     model = assemble(run, "init")
     # One program: op by op, the optimiser's zero moments compiled many small programs. The
