@@ -6,8 +6,8 @@ per-image error), timed alternately in one process after warm-up; medians and th
 hw8jax / PyTorch. Then one fcn_boss epoch with the crop transform end to end: hw8jax's grain
 pipeline with the transform in the step, against the seed's pipeline (a torch DataLoader whose
 Dataset applies the transform to one image at a time, as torchvision's Resize on a tensor does).
-Last, the fixed cost of a whole fcn_boss training process (launch.py in a subprocess) against a
-PyTorch script doing the same work, with XLA's compilation cache empty and then filled.
+Last, the fixed cost of whole training processes of ta_cnn, resnet_boss and fcn_boss against
+PyTorch scripts doing the same work, phase by phase (bench/fixed_cost.py).
 Scoring runs at score.batch_size (500), the batch a scoring run uses.
 
 Each side runs as its users run it: hw8jax in this process with the host allocator settings a
@@ -28,10 +28,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import re
-import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,10 +41,11 @@ from flax import nnx
 
 from hw8jax import cpu_tuning, data, models, train_step
 from hw8jax.configs import default
-from hw8jax.data.demo import make_demo, synthetic_images
+from hw8jax.data.demo import synthetic_images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+import fixed_cost  # noqa: E402
 import timing  # noqa: E402
 
 import torch_reference  # noqa: E402
@@ -276,78 +273,6 @@ def torch_epoch(num_images: int, batch: int) -> float:
   return time.perf_counter() - t
 
 
-TORCH_RUN = """
-import sys, time
-import numpy as np, torch
-sys.path.insert(0, {tests!r})
-import torch_reference
-torch.manual_seed(0)
-images = np.load({data!r} + "/trainingset.npy")
-model = torch_reference.BUILDERS["fcn_boss"]().train()
-opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-for step in range({steps}):
-  x = torch.from_numpy(images[step * 14:(step + 1) * 14].transpose(0, 3, 1, 2).copy()).float()
-  x = 2 * x / 255 - 1
-  loss = torch.nn.functional.mse_loss(model(x)[0], x)
-  opt.zero_grad(); loss.backward(); opt.step()
-  print(f"step {{step + 1}}/{steps}  loss {{loss.item():.4f}}", flush=True)
-torch.save({{"model": model.state_dict(), "opt": opt.state_dict()}}, {out!r})
-"""
-
-
-def timed_process(command: list[str], steps: int) -> tuple[float, float, float]:
-  """(start-up, wind-down, steady step) seconds of a training process that prints one line per
-  finished step ("step k/N"): start-up is from launch to the first step's line less one steady
-  step (the first step is work too); wind-down is from the last step's line to the exit."""
-  t0 = time.perf_counter()
-  proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                          cwd=ROOT)
-  marks = {}
-  for line in proc.stdout:
-    found = re.search(rf"step (\d+)/{steps}\b", line)
-    if found:
-      marks[int(found.group(1))] = time.perf_counter() - t0
-  if proc.wait() != 0 or len(marks) != steps:
-    raise RuntimeError(f"{' '.join(command)} failed (exit {proc.returncode})")
-  end = time.perf_counter() - t0
-  step = statistics.median(np.diff([marks[k] for k in range(1, steps + 1)]))
-  return marks[1] - step, end - marks[steps], step
-
-
-def bench_fixed_cost(reps: int, steps: int = 4):
-  """Fixed cost of a whole fcn_boss training process on the demo set (batch 14, `steps` steps,
-  every step logged), hw8jax's launch.py against a PyTorch script of the same work (imports,
-  data, model, Adam, the steps, torch.save of model and optimiser). hw8jax twice: with an empty
-  compilation cache (cold) and with the one that run left (warm). Medians of `reps`, alternating.
-  Each process starts on a quiet disk: the one before's 1.5 GB of outputs are removed and the
-  disk flushed (piled up, 15 runs' 22 GB slowed every later save, on both sides)."""
-  with tempfile.TemporaryDirectory() as tmp:
-    data_dir = os.path.join(tmp, "data")
-    make_demo(data_dir)
-    rows = {"hw8jax (cold cache)": [], "hw8jax (warm cache)": [], "PyTorch script": []}
-    out = os.path.join(tmp, "out")
-    for r in range(reps):
-      cache = os.path.join(tmp, f"cache{r}")
-      for name in rows:
-        if name.startswith("PyTorch"):
-          script = TORCH_RUN.format(tests=os.path.join(ROOT, "tests"), data=data_dir,
-                                    steps=steps, out=out)
-          command = [sys.executable, "-c", script]
-        else:
-          command = [sys.executable, "launch.py", "--config=configs/fcn_boss.py:demo",
-                     f"--workdir={out}", "--mode=train", f"--config.data.dir={data_dir}",
-                     f"--config.max_steps={steps}", "--config.num_epochs=100",
-                     "--config.log_every_seconds=0", f"--config.compilation_cache={cache}"]
-        rows[name].append(timed_process(command, steps))
-        if os.path.isdir(out):
-          shutil.rmtree(out)
-        else:
-          os.remove(out)
-        os.sync()
-  return {name: [statistics.median(col) for col in zip(*runs, strict=True)]
-          for name, runs in rows.items()}
-
-
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--quick", action="store_true", help="small batches, few repeats")
@@ -389,14 +314,8 @@ def main():
         f"hw8jax {t_jax:.1f} s, seed pipeline {t_torch:.1f} s, speed-up {t_torch / t_jax:.2f}x",
         flush=True)
   stop_workers()
-  if not args.skip_fixed:
-    print("fixed cost of a whole fcn_boss training process (demo set, batch 14, 4 steps), "
-          f"median of {args.reps}, s: start-up (launch to first step, less one step), "
-          "wind-down (last step to exit: final save, curves, exit)")
-    for name, (start, end, step) in bench_fixed_cost(args.reps).items():
-      print(f"  {name:20s} start-up {start:5.2f}  wind-down {end:5.2f}  total {start + end:5.2f}"
-            f"  (steady step {step:.2f})", flush=True)
-
+  if not args.skip_fixed:  # bench/fixed_cost.py: the three variants the issue names
+    fixed_cost.run(["ta_cnn", "resnet_boss", "fcn_boss"], args.reps, steps=4)
 
 if __name__ == "__main__":
   main()
