@@ -61,11 +61,12 @@ def exists(workdir: str, which: str = "latest") -> bool:
 
 
 def managers(workdir: str, keep: int) -> dict[str, ocp.CheckpointManager]:
-  """Managers of the latest and best checkpoints. Saves are asynchronous (the step loop goes
-  on while they are written); a run waits for them only before it returns. Arrays are written
-  one folder each, uncompressed, rather than zstd-compressed into one OCDBT database: several
-  times faster to write for a little more disk, and no compression taking CPU from the steps
-  that run meanwhile (docs/performance.md). Either layout restores."""
+  """Managers of the latest and best checkpoints. Saves are asynchronous; the training loop
+  waits for a latest save before its next step (on CPU orbax writes from views of the state,
+  which the step would otherwise copy). Arrays are written one folder each, uncompressed,
+  rather than zstd-compressed into one OCDBT database: several times faster to write for a
+  little more disk, and no compression taking CPU (docs/performance.md). Either layout
+  restores."""
   root = os.path.join(os.path.abspath(workdir), "checkpoints")
 
   def manager(which: str, keep: int) -> ocp.CheckpointManager:
