@@ -93,7 +93,7 @@ def child(argv: list[str]) -> None:
       print(f"phase {_label}", time.time(), flush=True)
       return result
 
-    setattr(owner, attr, functools.wraps(fn)(timed) if callable(fn) else fn)
+    setattr(owner, attr, functools.wraps(fn)(timed))
   atexit.register(lambda: print("phase exit handlers", time.time(), flush=True))
   sys.argv = [os.path.join(ROOT, "launch.py"), *argv]
   runpy.run_path(sys.argv[0], run_name="__main__")

@@ -32,7 +32,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CHILD = """\
-import atexit, os, resource, runpy, sys
+import atexit, runpy, sys
 def said():
   io = dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())
   print("written", int(io["write_bytes"]), flush=True)
