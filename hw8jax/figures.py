@@ -18,15 +18,17 @@ from hw8jax import atomic
 SWEEP = (-2.0, -1.0, 1.0, 2.0)  # latent_edits.png: steps of max|z| added to a latent element
 
 
-def preload() -> None:
-  """Import what drawing needs in a thread of its own, while a run starts (its start-up spends
-  much of its time in XLA, the interpreter free), rather than when its last step is done."""
+def preload() -> threading.Thread:
+  """Import what drawing needs in a thread of its own (returned, started), while the caller
+  waits in XLA with the interpreter free, rather than when a run's last step is done."""
   def imports():
     # Drawing imports (the module's note above), in this thread.
     import matplotlib.backends.backend_agg  # noqa: F401
     import matplotlib.figure  # noqa: F401
 
-  threading.Thread(target=imports, name="hw8jax-figures-preload", daemon=True).start()
+  thread = threading.Thread(target=imports, name="hw8jax-figures-preload", daemon=True)
+  thread.start()
+  return thread
 
 
 def _figure(**kwargs):

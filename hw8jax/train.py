@@ -130,6 +130,18 @@ def _resume(mngrs, state, iterator, replicated, num_steps: int):
   return restored, step
 
 
+def _load_step(step_fn, state, batch: jax.ShapeDtypeStruct, preload: bool) -> None:
+  """Trace and lower the train step, then load it from the compilation cache (or compile it)
+  while matplotlib is imported beside it for training_curves.png (`preload`): loading leaves
+  the interpreter free, and the steps are not slowed by an import. The step's first call
+  finds the program ready (JAX keeps it for the function)."""
+  lowered = step_fn.trace(state, batch).lower()
+  importing = figures.preload() if preload else None
+  lowered.compile()
+  if importing is not None:
+    importing.join()
+
+
 def train(run: Plan, workdir: str, inputs: data.RunData,
           train_set: str | None = None) -> None:
   """Train (or resume) the plan `run` on `inputs` (their training images less the validation
@@ -148,8 +160,6 @@ def train(run: Plan, workdir: str, inputs: data.RunData,
   lr_at = jax.jit(schedule)  # for the log; op by op it compiled eight programs at the first line
   mngrs = checkpoint.managers(workdir, config.checkpoint.keep)
   sinks = None
-  if config.figures and runtime.is_main_process():
-    figures.preload()  # training_curves.png is drawn at the end
   try:
     model = assemble(run, "init")
     # One program: op by op, the optimiser's zero moments compiled many small programs. The
@@ -180,6 +190,9 @@ def train(run: Plan, workdir: str, inputs: data.RunData,
       log(f"resumed from step {start} of {num_steps} ({workdir})")
     sinks = metrics.open_sinks(workdir, start)
 
+    _load_step(step_fn, state, jax.ShapeDtypeStruct(
+        (config.batch_size, *train_images.shape[1:]), train_images.dtype, sharding=batch_sharding),
+        preload=config.figures and runtime.is_main_process())
     log(f"training {config.model}: {num_steps} steps ({spe} an epoch), batch "
         f"{config.batch_size}, {jax.device_count()} device(s) [{jax.devices()[0].platform}]")
     every_steps, every_s = config.checkpoint.every_steps, 60 * config.checkpoint.every_minutes

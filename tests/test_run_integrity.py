@@ -505,6 +505,7 @@ def test_images_per_second_counts_finished_steps(data_dir, tmp_path, monkeypatch
       queued.append(1)
       return state, dict(metrics, loss=Pending(metrics["loss"]))
 
+    step.trace = compiled.trace  # train loads the program before the first step
     return step
 
   monkeypatch.setattr(train_step, "jit_train_step", dispatching)
