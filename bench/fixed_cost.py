@@ -40,7 +40,7 @@ HW8JAX_PHASES = [
     ("run record, logs opened", "hw8jax.metrics", "open_sinks"),
     ("final checkpoint handed to orbax", "hw8jax.train", "_save"),
     ("training curves figure", "hw8jax.figures", "plot_training_curves"),
-    ("checkpoint on disk, managers closed", "hw8jax.train", "_finish_saves"),
+    ("checkpoint on disk, managers closed", "hw8jax.checkpoint", "finish"),
 ]
 
 TORCH_SCRIPT = """\

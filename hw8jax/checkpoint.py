@@ -127,6 +127,26 @@ def remove_unfinished(workdir: str) -> None:
         shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
 
+def finish(mngrs, workdir: str) -> None:
+  """Wait for the saves in progress, close the managers and remove what an unfinished save left;
+  a save that failed in orbax's writer threads (a disk that filled up meanwhile) is one line."""
+  failed = None
+  for m in mngrs.values():
+    try:
+      m.wait_until_finished()
+    except Exception as e:  # orbax and tensorstore raise many kinds
+      failed = failed or (m.directory, e)
+    m.close()
+  if runtime.is_main_process():
+    remove_unfinished(workdir)
+  if failed is not None:
+    folder, e = failed
+    reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+    raise UserError(f"{folder}: a checkpoint could not be written ({reason}; "
+                    f"{atomic.size(atomic.free_bytes(folder))} free); the checkpoints already "
+                    "saved are kept: run the same command to resume") from None
+
+
 def saved_config(mngr: ocp.CheckpointManager, step: int) -> dict | None:
   """What trained the checkpoint `step` (the keys `save` was given); None for a checkpoint
   written before checkpoints carried it."""

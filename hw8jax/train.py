@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hw8jax import atomic, checkpoint, data, figures, metrics, report, runtime, train_step
+from hw8jax import checkpoint, data, figures, metrics, report, runtime, train_step
 from hw8jax import workdir as workdir_lib
 from hw8jax.assemble import Plan, assemble
 from hw8jax.cpu_tuning import release_free_memory
@@ -261,28 +261,7 @@ def train(run: Plan, workdir: str, inputs: data.RunData,
     state = best = None  # orbax writes from views of them (on CPU): ours go before the wait
   finally:
     metrics.close(sinks)
-    _finish_saves(mngrs, workdir)
-
-
-def _finish_saves(mngrs, workdir: str) -> None:
-  """Wait for the saves in progress, close the managers and remove what an unfinished save left;
-  a save that failed in orbax's writer threads (a disk that filled up meanwhile) is one line."""
-  failed = None
-  for m in mngrs.values():
-    try:
-      m.wait_until_finished()
-    except Exception as e:  # orbax and tensorstore raise many kinds
-      failed = failed or (m.directory, e)
-    m.close()
-  if runtime.is_main_process():
-    checkpoint.remove_unfinished(workdir)
-  if failed is not None:
-    folder, e = failed
-    reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-    raise UserError(f"{folder}: a checkpoint could not be written ({reason}; "
-                    f"{atomic.size(atomic.free_bytes(folder))} free); the checkpoints already "
-                    "saved are kept: run the same command to resume") from None
-
+    checkpoint.finish(mngrs, workdir)
 
 
 def _end_epoch(state, done: int, spe: int, evaluator: EpochEvaluator, mngrs, sinks):

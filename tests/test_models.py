@@ -101,8 +101,9 @@ def test_contract(variant, seed):
 
 def test_the_config_seed_alone_draws_the_initial_weights(seed):
   """runtime.run_keys / assemble, as a run initialises: the same seed gives the same
-  weights; another seed changes every tensor (none is drawn from a fixed key); the run's init,
-  noise and scoring keys are three different keys."""
+  weights; another seed changes every tensor (none is drawn from a fixed key), all but the
+  elements two independent draws share by chance (one of 18,432 at seed 1249023942); the run's
+  init, noise and scoring keys are three different keys."""
   from hw8jax import runtime
   from hw8jax.assemble import assemble, plan
   from hw8jax.configs import default
@@ -117,7 +118,7 @@ def test_the_config_seed_alone_draws_the_initial_weights(seed):
   assert len(a) == 14  # 7 convs and transposed convs, kernel and bias each
   for x, y, z in zip(a, b, other, strict=True):
     np.testing.assert_array_equal(x, y)
-    assert not np.any(x == z) if x.size > 1 else x != z
+    assert np.mean(x == z) < 1e-3 if x.size > 1 else x != z
   keys = runtime.run_keys(seed)
   data = {name: np.asarray(jax.random.key_data(k)).tobytes() for name, k in keys.items()}
   assert set(data) == {"init", "noise", "score"} and len(set(data.values())) == 3
