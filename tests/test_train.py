@@ -4,6 +4,7 @@ checkpoint, the NaN stop, SIGTERM and SIGKILL then an exact resume, bfloat16 com
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -115,10 +116,13 @@ def test_sigterm_then_sigkill_mid_epoch_then_resume_is_bit_identical(synthetic_d
   launch.py: stopped by SIGTERM once training is under way (it saves the step it is at and
   exits 143 with one line), resumed there, then killed by SIGKILL after its step-28 or later
   checkpoint, mid-epoch, and restarted: it ends bit-identical to an uninterrupted run (the same
-  command, run in this process: one JAX start-up fewer)."""
+  command, run in this process: one JAX start-up fewer). launch.py freezes the libraries'
+  objects out of the garbage collector's reach in its own process, never in a caller's."""
   whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
+  frozen = gc.get_freeze_count()
   done = launch_here(*_flags(whole, synthetic_dir))
   assert done.returncode == 0, done.stderr
+  assert gc.get_freeze_count() == frozen
 
   p = _launch(killed, synthetic_dir)
   _wait_for_checkpoint(p, killed, 7)
@@ -139,10 +143,11 @@ def test_sigterm_then_sigkill_mid_epoch_then_resume_is_bit_identical(synthetic_d
   killed_at = latest_step(killed)
   assert killed_at is not None and killed_at < KILL_RUN_STEPS and killed_at % 8 != 0, killed_at
 
-  p = _launch(killed, synthetic_dir)
+  p = launch(*_flags(killed, synthetic_dir), env={"HW8JAX_TEST_SAY_FROZEN": "1"})
   out = p.communicate(timeout=600)[0]
   assert p.returncode == 0, out
   assert f"resumed from step {killed_at} of {KILL_RUN_STEPS}" in out
+  assert int(out.split("frozen at exit: ")[1].split()[0]) > 100_000, out
 
   step_a, a = _restore_params(whole)
   step_b, b = _restore_params(killed)
