@@ -8,6 +8,7 @@ import gc
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import time
@@ -89,10 +90,10 @@ def _flags(workdir, data_dir) -> list:
           "--config.checkpoint.every_steps=7", "--config.seed=7", "--config.figures=false"]
 
 
-def _launch(workdir, data_dir):
+def _launch(workdir, data_dir, env=None):
   # The session's compilation cache (conftest): later launches load the programs an earlier one
   # (or this process) compiled instead of compiling them (the same programs, the same results).
-  return launch(*_flags(workdir, data_dir))
+  return launch(*_flags(workdir, data_dir), env=env)
 
 
 # 8 steps an epoch and a checkpoint every 7 steps: every checkpoint before the last is mid-epoch.
@@ -143,11 +144,12 @@ def test_sigterm_then_sigkill_mid_epoch_then_resume_is_bit_identical(synthetic_d
   killed_at = latest_step(killed)
   assert killed_at is not None and killed_at < KILL_RUN_STEPS and killed_at % 8 != 0, killed_at
 
-  p = launch(*_flags(killed, synthetic_dir), env={"HW8JAX_TEST_SAY_FROZEN": "1"})
+  p = _launch(killed, synthetic_dir, env={"HW8JAX_TEST_SAY_FROZEN": "1"})
   out = p.communicate(timeout=600)[0]
   assert p.returncode == 0, out
   assert f"resumed from step {killed_at} of {KILL_RUN_STEPS}" in out
-  assert int(out.split("frozen at exit: ")[1].split()[0]) > 100_000, out
+  frozen_at_exit = re.search(r"frozen at exit: (\d+)", out)
+  assert frozen_at_exit and int(frozen_at_exit.group(1)) > 100_000, out
 
   step_a, a = _restore_params(whole)
   step_b, b = _restore_params(killed)
