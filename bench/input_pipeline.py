@@ -27,8 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from hw8jax import data, train_step
-from hw8jax.assemble import assemble, plan
+from hw8jax.assemble import assemble
 from hw8jax.configs import default
+from hw8jax.plan import plan
 
 
 def machine() -> str:

@@ -12,8 +12,9 @@ import time
 import jax
 
 from hw8jax import data, runtime, train_step
-from hw8jax.assemble import Assembled, assemble, plan
+from hw8jax.assemble import Assembled, assemble
 from hw8jax.configs import default
+from hw8jax.plan import plan
 
 
 def alternate(fns, reps: int, warmup: int = 2, turn_s: float = 0.25) -> list[float]:

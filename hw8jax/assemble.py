@@ -1,10 +1,9 @@
-"""A run's facts, resolved once (`Plan`), and the one place its model is put together.
+"""The one place a run's model is put together, from its plan (`hw8jax.plan`).
 
-`plan(config)` resolves the variant, the transform, the keys, the compute dtype, what picks the
-best checkpoint and the CPU policy; `assemble(plan, ...)` builds the model with fresh draws, a
-PyTorch original's file (`init_from`) or a workdir's checkpoint, its train and eval graphdefs
-and its scorer. Training, scoring, `hw8jax.load` and the threshold all take their model from
-here, so each follows one policy.
+`assemble(plan, ...)` builds the model with fresh draws, a PyTorch original's file
+(`init_from`) or a workdir's checkpoint, its train and eval graphdefs and its scorer. Training,
+scoring, `hw8jax.load` and the threshold all take their model from here, so each follows one
+policy.
 """
 
 from __future__ import annotations
@@ -14,43 +13,13 @@ import functools
 from collections.abc import Callable
 
 import jax
-import ml_collections
 from flax import nnx
 
-from hw8jax import checkpoint, cpu_tuning, data, models, runtime
-from hw8jax import config as config_lib
+from hw8jax import checkpoint, cpu_tuning, models, runtime
 from hw8jax.errors import UserError
+from hw8jax.plan import Plan
 from hw8jax.score import make_scorer
 from hw8jax.torch_import import load_torch_weights
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-  """What a run's stages take instead of looking each fact up again in the config."""
-  config: ml_collections.ConfigDict  # validated: the keys a stage reads as they are
-  variant: models.Variant            # builder, loss, whether it draws noise
-  transform: Callable                # uint8 images -> the model's input (data.get_transform)
-  keys: dict                         # init, noise, score (runtime.run_keys of the seed)
-  compute_dtype: object              # jnp.float32 or jnp.bfloat16
-  best_by: str                       # what picks the best checkpoint, "auto" resolved
-  trajectory: dict                   # what the checkpoints are trained with (config.trajectory)
-  fast_paths: bool                   # the CPU policy (cpu_tuning), fixed on the model's convs
-
-
-def plan(config: ml_collections.ConfigDict, mode: str = "score",
-         inputs: data.RunData | None = None) -> Plan:
-  """The run of a validated `config`, resolved; given the run's `inputs`, the keys that depend
-  on them and on the devices are checked first (`config.check_run_facts`, one line each).
-  Starts JAX's backend (the keys and the policy's "auto" need it), so a multi-process run calls
-  it after `runtime.init_distributed`."""
-  if inputs is not None:
-    config_lib.check_run_facts(config, mode, num_devices=jax.device_count(),
-                               num_train=len(inputs.train), held_out=len(inputs.val_index),
-                               train_path=inputs.train_path)
-  return Plan(config, models.variant(config.model), data.get_transform(config.data.transform),
-              runtime.run_keys(config.seed), runtime.COMPUTE_DTYPES[config.compute_dtype],
-              config_lib.best_by(config), config_lib.trajectory(config),
-              cpu_tuning.cpu_fast_paths(config.cpu_fast_paths))
 
 
 @dataclasses.dataclass(frozen=True)

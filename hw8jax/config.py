@@ -202,17 +202,18 @@ def validate(c: ml_collections.ConfigDict, mode: str = "train_and_score") -> Non
     raise ConfigError("\n".join(problems))
 
 
-def trajectory(c: ml_collections.ConfigDict) -> dict:
-  """The values of TRAJECTORY_KEYS: what a checkpoint of `c` was trained with."""
+def resolve(c: ml_collections.ConfigDict, mode: str, facts: dict | None = None
+            ) -> tuple[str, dict]:
+  """(what picks the best checkpoint, "auto" resolved; the values of TRAJECTORY_KEYS, what a
+  checkpoint of `c` is trained with) of a validated `c`, once `facts` (`check_run_facts`'s
+  keywords), when given, are checked."""
+  if facts is not None:
+    check_run_facts(c, mode, **facts)
+  best_by = c.checkpoint.best_by
+  if best_by == "auto":
+    best_by = "val_score" if c.data.val_fraction > 0 else "train_loss"
   flat = flatten(c)
-  return {key: flat[key] for key in TRAJECTORY_KEYS}
-
-
-def best_by(c: ml_collections.ConfigDict) -> str:
-  """What picks the best checkpoint, "auto" resolved."""
-  if c.checkpoint.best_by != "auto":
-    return c.checkpoint.best_by
-  return "val_score" if c.data.val_fraction > 0 else "train_loss"
+  return best_by, {key: flat[key] for key in TRAJECTORY_KEYS}
 
 
 def check_run_facts(c: ml_collections.ConfigDict, mode: str, *, num_devices: int,

@@ -1,7 +1,7 @@
 """hw8jax's CPU tuning, one policy switched by the config's `cpu_fast_paths`.
 
 The setting ("auto": on JAX's CPU backend only; "on"; "off": XLA's own forms and defaults
-everywhere) is resolved once, by `cpu_fast_paths`, into the run's policy (`assemble.Plan`), a
+everywhere) is resolved once, by `cpu_fast_paths`, into the run's policy (`plan.Plan`), a
 bool every piece below takes. Each piece was measured; docs/performance.md lists what it gains
 and costs.
 

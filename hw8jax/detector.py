@@ -24,9 +24,10 @@ from hw8jax import config as config_lib
 from hw8jax import evaluate, report, runtime
 from hw8jax import export as export_lib
 from hw8jax import workdir as workdir_lib
-from hw8jax.assemble import Assembled, assemble, plan
+from hw8jax.assemble import Assembled, assemble
 from hw8jax.data.io import open_npy
 from hw8jax.errors import UserError
+from hw8jax.plan import plan
 from hw8jax.score import autoencode, batch_size_for, score_images
 
 THRESHOLD_FILE = "threshold.json"

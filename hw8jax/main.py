@@ -11,8 +11,8 @@ import ml_collections
 from hw8jax import atomic, checkpoint, data, runtime, train
 from hw8jax import config as config_lib
 from hw8jax import workdir as workdir_lib
-from hw8jax.assemble import plan
 from hw8jax.errors import UserError
+from hw8jax.plan import plan
 from hw8jax.score_run import score_run
 
 
@@ -42,9 +42,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train_and_
   with held, jax.default_matmul_precision(config.matmul_precision):
     workdir_lib.check_agrees(config, workdir, mode,
                              (inputs.train_path, train_set) if training else None)
+    trained = False
     if training:
       checkpoint.check_writable(workdir)
-      train.train(run_plan, workdir, inputs, train_set=train_set)
-    if mode in ("score", "train_and_score"):
-      return score_run(run_plan, workdir, inputs)
+      trained = train.train(run_plan, workdir, inputs, train_set=train_set)
+    if mode in ("score", "train_and_score"):  # one record a run: training's, if it trained
+      return score_run(run_plan, workdir, inputs, record=not trained)
   return None

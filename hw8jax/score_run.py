@@ -14,7 +14,8 @@ from flax import nnx
 
 from hw8jax import data, evaluate, figures, report, runtime
 from hw8jax import workdir as workdir_lib
-from hw8jax.assemble import Assembled, Plan, assemble
+from hw8jax.assemble import Assembled, assemble
+from hw8jax.plan import Plan
 from hw8jax.score import autoencode, score_images
 
 THRESHOLD_SAMPLE = 2000  # training images scored for the threshold without a validation split
@@ -51,13 +52,14 @@ def scored_with(model: Assembled, test_images) -> dict:
           "score": config.score.to_dict(), "cpu_fast_paths": config.cpu_fast_paths}
 
 
-def score_run(run: Plan, workdir: str, inputs) -> dict | None:
+def score_run(run: Plan, workdir: str, inputs, record: bool = True) -> dict | None:
   """Score every test image as the plan `run` says and write the outputs; returns the eval
-  record (None without labels)."""
+  record (None without labels). `record`: write the run's runs/NNN-score.json (a run that
+  trained first has its record, NNN-train.json, of the same config)."""
   config = run.config
   mesh = runtime.make_mesh()
   model = assemble(run, "scoring", workdir=workdir, mesh=mesh)
-  if runtime.is_main_process():
+  if record and runtime.is_main_process():
     workdir_lib.record(config, workdir, "score")
   scores = score_images(model.scorer, model.state, inputs.test,
                         batch_size=config.score.batch_size, key=run.keys["score"], mesh=mesh,

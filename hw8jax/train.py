@@ -23,10 +23,11 @@ import numpy as np
 
 from hw8jax import checkpoint, data, figures, metrics, report, runtime, train_step
 from hw8jax import workdir as workdir_lib
-from hw8jax.assemble import Plan, assemble
+from hw8jax.assemble import assemble
 from hw8jax.cpu_tuning import release_free_memory
 from hw8jax.epoch_eval import EpochEvaluator
 from hw8jax.errors import Interrupted, NonFinite, UserError
+from hw8jax.plan import Plan
 from hw8jax.runtime import log
 
 
@@ -142,21 +143,18 @@ def _load_step(step_fn, state, batch: jax.ShapeDtypeStruct, preload: bool) -> No
     importing.join()
 
 
-def train(run: Plan, workdir: str, inputs: data.RunData,
-          train_set: str | None = None) -> None:
+def train(run: Plan, workdir: str, inputs: data.RunData, train_set: str | None = None) -> bool:
   """Train (or resume) the plan `run` on `inputs` (their training images less the validation
   split) to its number of steps, leaving its checkpoints in `workdir`; a workdir that has
-  already finished is left as it is. `train_set`, the images' fingerprint, goes into the run's
-  record (computed here when not given)."""
+  already finished is left as it is (returns False: no step run, no run record written).
+  `train_set`, the images' fingerprint, goes into the run's record (computed when not given)."""
   config = run.config
   train_images, train_index, val_index = inputs.train, inputs.train_index, inputs.val_index
   mesh = runtime.make_mesh()
   replicated = runtime.replicated(mesh)
   batch_sharding = runtime.batch_sharded(mesh)
-  num_steps = train_step.total_steps(config, len(train_index))
+  num_steps, schedule, tx = train_step.optimization(config, len(train_index))
   spe = data.steps_per_epoch(len(train_index), config.batch_size)
-  schedule = train_step.make_schedule(config, num_steps)
-  tx = train_step.make_optimizer(config, schedule)
   lr_at = jax.jit(schedule)  # for the log; op by op it compiled eight programs at the first line
   mngrs = checkpoint.managers(workdir, config.checkpoint.keep)
   sinks = None
@@ -181,7 +179,7 @@ def train(run: Plan, workdir: str, inputs: data.RunData,
     fresh = not mngrs["latest"].all_steps()
     resumed = _resume(mngrs, state, iterator, replicated, num_steps)
     if resumed is None:
-      return
+      return False
     state, start = resumed
     if runtime.is_main_process():
       workdir_lib.record(config, workdir, "train", fresh=fresh, facts={
@@ -262,6 +260,7 @@ def train(run: Plan, workdir: str, inputs: data.RunData,
   finally:
     metrics.close(sinks)
     checkpoint.finish(mngrs, workdir)
+  return True
 
 
 def _end_epoch(state, done: int, spe: int, evaluator: EpochEvaluator, mngrs, sinks):

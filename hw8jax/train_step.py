@@ -58,6 +58,13 @@ def total_steps(config, num_images: int) -> int:
   return min(steps, config.max_steps) if config.max_steps > 0 else steps
 
 
+def optimization(config: ml_collections.ConfigDict, num_images: int) -> tuple:
+  """(number of steps, schedule, optimiser) of training `config` on `num_images` images."""
+  num_steps = total_steps(config, num_images)
+  schedule = make_schedule(config, num_steps)
+  return num_steps, schedule, make_optimizer(config, schedule)
+
+
 def init_state(params, batch_stats, tx) -> dict:
   return {
       "params": params,

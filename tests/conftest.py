@@ -121,8 +121,9 @@ def built(variant: str, seed: int):
   import jax
   from flax import nnx
 
-  from hw8jax.assemble import assemble, plan
+  from hw8jax.assemble import assemble
   from hw8jax.configs import default
+  from hw8jax.plan import plan
 
   model = assemble(plan(default.for_model(variant)), key=jax.random.key(seed))
   return nnx.merge(model.train_def, *model.state)
@@ -158,6 +159,41 @@ def quick_config(variant: str, data_dir: str, labels: str | None = None):
   c.data.dir = data_dir
   c.data.test_labels = os.path.join(data_dir, "testing_labels.npy") if labels is None else labels
   return c
+
+
+def config_walk(config, call) -> list[tuple[str, str]]:
+  """The walk of `config` through `call()`: (room, "caller -> room.function") for each call from
+  one of the package's modules (rooms) into a function of another that is handed the config,
+  its plan or the assembled model (which carry it). Reading a property of the plan or the model
+  is not entering a room."""
+  from hw8jax.assemble import Assembled
+  from hw8jax.plan import Plan
+
+  properties = {v.fget.__code__ for cls in (Plan, Assembled) for v in vars(cls).values()
+                if isinstance(v, property)}
+  rooms = {id(vars(m)): name for name, m in list(sys.modules.items())
+           if name.startswith("hw8jax") and m is not None}
+  walk = []
+
+  def follow(frame, event, _):  # a global trace function: called at each Python call only
+    room = rooms.get(id(frame.f_globals))
+    if room is None or frame.f_back is None or frame.f_code in properties:
+      return
+    caller = rooms.get(id(frame.f_back.f_globals))
+    if caller is None or caller == room:
+      return
+    code = frame.f_code
+    names = code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
+    if any(frame.f_locals.get(n) is config or isinstance(frame.f_locals.get(n), (Plan, Assembled))
+           for n in names):
+      walk.append((room, f"{caller} -> {room}.{code.co_name}"))
+
+  sys.settrace(follow)
+  try:
+    call()
+  finally:
+    sys.settrace(None)
+  return walk
 
 
 def launch_command(*flags: str, config: str = "ta_vae.py:quick", tiny: bool = True) -> list:

@@ -107,7 +107,7 @@ def test_a_plan_resolves_the_run_facts_once_from_its_config():
   import jax.numpy as jnp
 
   from hw8jax import data, models, runtime
-  from hw8jax.assemble import plan
+  from hw8jax.plan import plan
 
   c = configs.get_config("fcn_boss", "quick")
   c.data.val_fraction, c.compute_dtype = 0.1, "bfloat16"

@@ -84,8 +84,9 @@ def _losses(workdir):
 
 def _params(workdir):
   """Params, restored onto this process's one device."""
-  from hw8jax.assemble import assemble, plan
+  from hw8jax.assemble import assemble
   from hw8jax.configs import default
+  from hw8jax.plan import plan
   from hw8jax.runtime import make_mesh
 
   model = assemble(plan(default.for_model("tiny")), "checkpoint", workdir=str(workdir),
@@ -101,7 +102,8 @@ def test_data_parallel_run_matches_one_device(runs, name):
   assert len(one) == len(other) == STEPS
   np.testing.assert_allclose(other, one, rtol=1e-5)
   a, b = _params(root / "one"), _params(root / name)
-  from hw8jax.assemble import assemble, plan
+  from hw8jax.assemble import assemble
+  from hw8jax.plan import plan
 
   initial = jax.tree.leaves(assemble(plan(_config(root / "data", "")),
                                      key=runtime.run_keys(3)["init"]).params)

@@ -28,8 +28,9 @@ def _moved(variant: str, seed: int):
   """An assembled model of `variant` with fresh weights, its BatchNorm scales, statistics and
   PReLU slopes moved from their constant initial values as test_parity moves PyTorch's (so the
   export of each is tested), and its biases moved a little (BatchNorm's start at zero)."""
-  from hw8jax.assemble import assemble, plan
+  from hw8jax.assemble import assemble
   from hw8jax.configs import default
+  from hw8jax.plan import plan
 
   model = assemble(plan(default.for_model(variant)), key=jax.random.key(seed))
   rng = np.random.default_rng(seed)
@@ -59,8 +60,9 @@ def test_the_export_loads_strictly_into_the_original_and_back_into_hw8jax(varian
   import safetensors
   import safetensors.torch
 
-  from hw8jax.assemble import assemble, plan
+  from hw8jax.assemble import assemble
   from hw8jax.configs import default
+  from hw8jax.plan import plan
 
   import torch_reference
 

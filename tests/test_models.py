@@ -105,8 +105,9 @@ def test_the_config_seed_alone_draws_the_initial_weights(seed):
   elements two independent draws share by chance (one of 18,432 at seed 1249023942); the run's
   init, noise and scoring keys are three different keys."""
   from hw8jax import runtime
-  from hw8jax.assemble import assemble, plan
+  from hw8jax.assemble import assemble
   from hw8jax.configs import default
+  from hw8jax.plan import plan
 
   c = default.for_model("ta_vae")
 
@@ -130,8 +131,9 @@ def test_weights_drawn_under_cpu_fast_paths_are_jax_default_threefry_bits(seed):
   the while loop of JAX's CPU form. Through assemble: the same weights with the fast path
   on and off."""
   from hw8jax import cpu_tuning
-  from hw8jax.assemble import assemble, plan
+  from hw8jax.assemble import assemble
   from hw8jax.configs import default
+  from hw8jax.plan import plan
 
   key = jax.random.key(seed)
   fused = cpu_tuning.draw_key(key, True)

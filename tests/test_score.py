@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
@@ -19,7 +20,7 @@ from hw8jax.data.demo import make_synthetic, synthetic_images
 from hw8jax.main import run
 from hw8jax.score import image_error, make_scorer, score_images
 
-from conftest import CONFIGS, built, cli, images, quick_config
+from conftest import CONFIGS, built, cli, config_walk, images, quick_config
 
 
 def test_image_error_metrics(seed):
@@ -89,7 +90,7 @@ def test_submission_roundtrip_is_atomic_and_exact(tmp_path, seed):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   """A quick run of the tiny variant with the boss crop and labels, trained and scored;
-  returns (workdir, stdout, eval record, labels path)."""
+  returns (workdir, stdout, eval record, labels path, the config's walk: `config_walk`)."""
   d = tmp_path_factory.mktemp("scored")
   labels = make_synthetic(d / "data", num_train=32, num_test=21, seed=1)
   c = quick_config("tiny", str(d / "data"))
@@ -101,16 +102,16 @@ def trained(tmp_path_factory):
   import contextlib
   import io
 
-  out = io.StringIO()
+  out, done = io.StringIO(), {}
   with contextlib.redirect_stdout(out):
-    record = run(c, workdir, "train_and_score")
-  yield workdir, out.getvalue(), record, labels
+    walk = config_walk(c, lambda: done.setdefault("record", run(c, workdir, "train_and_score")))
+  yield workdir, out.getvalue(), done["record"], labels, walk
 
 
 def test_printed_auc_is_the_auc_of_the_written_csv(trained):
   from sklearn.metrics import roc_auc_score
 
-  workdir, out, record, labels_path = trained
+  workdir, out, record, labels_path, _ = trained
   printed = float(re.search(r"ROC AUC (\d\.\d{4})", out).group(1))
   scores = report.read_submission(os.path.join(workdir, "submission.csv"))
   labels = np.load(labels_path)
@@ -121,6 +122,20 @@ def test_printed_auc_is_the_auc_of_the_written_csv(trained):
   assert saved["auc"] == pytest.approx(recomputed, abs=1e-12) and saved == record
   np.testing.assert_array_equal(np.load(os.path.join(workdir, "scores.npy")),
                                 scores.astype(np.float32))
+
+
+def test_a_run_hands_its_config_to_no_room_more_than_twice(trained):
+  """A run's facts are resolved once (`hw8jax.plan`) and each stage takes them from there: the
+  walk of the config through training, epoch ends, best checkpoints, figures and scoring
+  enters each room at most twice."""
+  workdir, walk = trained[0], trained[4]
+  entered = collections.Counter(room for room, _ in walk)
+  steps = "\n".join(step for _, step in walk)
+  assert {"hw8jax.config", "hw8jax.plan", "hw8jax.train", "hw8jax.assemble", "hw8jax.workdir",
+          "hw8jax.score_run"} <= set(entered), steps  # every stage is on the walk
+  assert max(entered.values()) <= 2, steps
+  # One record a run: a run that trains and scores is recorded as its training.
+  assert os.listdir(os.path.join(workdir, "runs")) == ["001-train.json"]
 
 
 def test_outputs_and_figures_are_written(trained):
@@ -136,7 +151,8 @@ def test_outputs_and_figures_are_written(trained):
 def test_best_and_latest_checkpoints_both_score(trained):
   workdir = trained[0]
   c = default.for_model("tiny")
-  from hw8jax.assemble import assemble, plan
+  from hw8jax.assemble import assemble
+  from hw8jax.plan import plan
   from hw8jax.runtime import make_mesh
 
   for which in ("latest", "best"):

@@ -358,9 +358,10 @@ def test_every_assembly_of_a_model_follows_cpu_fast_paths(whole_model_files, tmp
   """Scoring a PyTorch file (init_from on a workdir without checkpoints), training from one and
   a fresh model: every conv follows the config's `cpu_fast_paths` (the scoring path for
   init_from once built its model apart and kept the default)."""
-  from hw8jax.assemble import assemble, plan
+  from hw8jax.assemble import assemble
   from hw8jax.configs import default
   from hw8jax.models import layers
+  from hw8jax.plan import plan
   from hw8jax.runtime import make_mesh
 
   out, _ = whole_model_files

@@ -30,8 +30,9 @@ def data_dir(tmp_path_factory):
 def _assembled(variant: str, metric: str = "l2"):
   import jax
 
-  from hw8jax.assemble import assemble, plan
+  from hw8jax.assemble import assemble
   from hw8jax.configs import default
+  from hw8jax.plan import plan
 
   c = default.for_model(variant)
   c.score.metric = metric
