@@ -165,7 +165,8 @@ def config_walk(config, call) -> list[tuple[str, str]]:
   """The walk of `config` through `call()`: (room, "caller -> room.function") for each call from
   one of the package's modules (rooms) into a function of another that is handed the config,
   its plan or the assembled model (which carry it). Reading a property of the plan or the model
-  is not entering a room."""
+  is not entering a room. Follows the calling thread (where a run's stages run); the rooms are
+  the package's modules imported before `call`."""
   from hw8jax.assemble import Assembled
   from hw8jax.plan import Plan
 
@@ -188,11 +189,12 @@ def config_walk(config, call) -> list[tuple[str, str]]:
            for n in names):
       walk.append((room, f"{caller} -> {room}.{code.co_name}"))
 
+  previous = sys.gettrace()  # a debugger's or coverage's, given back after
   sys.settrace(follow)
   try:
     call()
   finally:
-    sys.settrace(None)
+    sys.settrace(previous)
   return walk
 
 

@@ -39,10 +39,12 @@ def test_rerun_on_a_finished_workdir_does_not_retrain(synthetic_dir, tmp_path, c
   before = os.path.getmtime(ckpt)
   metrics_before = open(os.path.join(workdir, "metrics.jsonl")).read()
   capsys.readouterr()
-  run(c, workdir, "train")
+  run(c, workdir, "train_and_score")
   assert "training already finished (20 steps); not retraining" in capsys.readouterr().out
   assert os.path.getmtime(ckpt) == before
   assert open(os.path.join(workdir, "metrics.jsonl")).read() == metrics_before
+  # Trained nothing, so it is recorded as the scoring it did (one record a run).
+  assert sorted(os.listdir(os.path.join(workdir, "runs"))) == ["001-train.json", "002-score.json"]
 
 
 def test_resume_past_a_best_checkpoint_the_killed_run_wrote(synthetic_dir, tmp_path):
